@@ -1,0 +1,89 @@
+"""Durable file primitives: atomic replace of one file, and fsync of a folder.
+
+Every file the library writes outside a checkpoint folder goes through
+:func:`atomic_write_bytes`: write to a unique temporary name beside the target,
+fsync, ``os.replace`` onto the target, fsync the folder. A crash at any moment
+leaves either the old file or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+TEMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (new, renamed or removed names) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # Some platforms cannot open a folder; the rename itself is still atomic there.
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` in one step, so readers see the old or the new content."""
+    target = Path(path)
+    temp = target.with_name(f"{TEMP_PREFIX}{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(temp, target)
+    finally:
+        if temp.exists():
+            temp.unlink()
+    if durable:
+        fsync_dir(target.parent)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, durable: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN and infinities with the strings "NaN", "Infinity" and "-Infinity".
+
+    Strict JSON has no literal for them, and readers outside Python reject the
+    bare ``NaN`` that :func:`json.dumps` writes by default.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        if math.isnan(value):
+            return "NaN"
+        return "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+_SPECIAL_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def metric_value(value: Any) -> Any:
+    """Turn a stored metric back into a float, undoing :func:`json_safe`."""
+    if isinstance(value, str) and value in _SPECIAL_FLOATS:
+        return _SPECIAL_FLOATS[value]
+    return value
+
+
+def dumps_json(value: Any) -> str:
+    return json.dumps(json_safe(value), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike[str], value: Any, *, durable: bool = True) -> None:
+    atomic_write_text(path, dumps_json(value), durable=durable)
