@@ -1,0 +1,108 @@
+"""The final model folder: weights in the names transformers reads, plus config.json.
+
+Tied weights (an LM head sharing its embedding) are stored once, as
+transformers' ``save_pretrained`` does, and come back tied through
+:func:`load_model_weights` or ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from hf_lifecycle._io import fsync_dir
+from hf_lifecycle.checkpoint.serialize import (
+    ALIASES_METADATA_KEY,
+    config_to_json,
+    join_shared,
+    split_shared,
+    unwrap_model,
+)
+from hf_lifecycle.checkpoint.store import _rename_exchange
+from hf_lifecycle.checkpoint.tensorfile import read_tensors, write_bytes, write_tensors
+from hf_lifecycle.errors import ConfigurationError
+
+SAFETENSORS_WEIGHTS = "model.safetensors"
+PT_WEIGHTS = "pytorch_model.bin"
+
+
+def save_model_folder(
+    model: torch.nn.Module,
+    folder: str | os.PathLike[str],
+    *,
+    format: Literal["pt", "safetensors"],
+    config: Any = None,
+) -> Path:
+    """Write ``model``'s weights and ``config`` into ``folder``, replacing it atomically."""
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    config_text = config_to_json(config) if config is not None else None
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    temp.mkdir()
+    try:
+        state = unwrap_model(model).state_dict()
+        if format == "safetensors":
+            tensors, aliases, extra = split_shared(state)
+            if extra:
+                raise ConfigurationError(
+                    f"The model's state dict holds non-tensor entries ({', '.join(sorted(extra))}), "
+                    f"which safetensors cannot store; use format='pt'."
+                )
+            metadata = {"format": "pt"}
+            if aliases:
+                metadata[ALIASES_METADATA_KEY] = json.dumps(aliases, sort_keys=True)
+            write_tensors(temp / SAFETENSORS_WEIGHTS, tensors, metadata)
+        else:
+            with open(temp / PT_WEIGHTS, "xb") as handle:
+                torch.save(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        if config_text is not None:
+            write_bytes(temp / "config.json", config_text.encode("utf-8"))
+        fsync_dir(temp)
+        if folder.exists():
+            if not _rename_exchange(temp, folder):
+                shutil.rmtree(folder)
+                os.rename(temp, folder)
+        else:
+            os.rename(temp, folder)
+        fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return folder
+
+
+def load_model_weights(
+    model: torch.nn.Module, path: str | os.PathLike[str], *, strict: bool = True
+) -> torch.nn.Module:
+    """Load weights saved by :meth:`HFManager.save_final_model` (folder or file) into ``model``."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / SAFETENSORS_WEIGHTS, path / PT_WEIGHTS]
+        found = [candidate for candidate in candidates if candidate.is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"No {SAFETENSORS_WEIGHTS} or {PT_WEIGHTS} in {path}; pass the folder that "
+                f"save_final_model returned."
+            )
+        path = found[0]
+    if path.suffix == ".safetensors":
+        tensors, metadata = read_tensors(path)
+        state = join_shared(tensors, json.loads(metadata.get(ALIASES_METADATA_KEY, "{}")))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    target = unwrap_model(model)
+    if not strict:
+        target.load_state_dict(state, strict=False)
+        return model
+    # Tied weights saved once are filled from their alias; anything else missing is an error.
+    target.load_state_dict(state, strict=True)
+    return model

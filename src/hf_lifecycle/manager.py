@@ -1,0 +1,491 @@
+"""HFManager: the front door that wires the checkpoint store, retention, tracking and the Hub."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import numbers
+import os
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from hf_lifecycle._version import __version__
+from hf_lifecycle.checkpoint.format import capture_rng_state, restore_rng_state
+from hf_lifecycle.checkpoint.info import CheckpointInfo
+from hf_lifecycle.checkpoint.serialize import build_state, read_state, unwrap_model, write_state
+from hf_lifecycle.checkpoint.store import CheckpointStore, validate_name
+from hf_lifecycle.errors import (
+    CheckpointCorruptedError,
+    CheckpointSaveError,
+    ConfigurationError,
+    RepoIdRequiredError,
+    SerializationError,
+)
+from hf_lifecycle.final_model import save_model_folder
+from hf_lifecycle.retention import RetentionPolicy, as_policy, plan_retention
+from hf_lifecycle.tracking import (
+    ExperimentTracker,
+    build_metadata,
+    collect_environment,
+    format_summary,
+    read_metadata,
+    write_metadata,
+)
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILENAME = "experiment_metadata.json"
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_UNSET: Any = object()
+
+
+def _check_repo_id(repo_id: object) -> str | None:
+    if repo_id is None:
+        return None
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or ".." in repo_id:
+        raise ConfigurationError(
+            f"Invalid repo_id {repo_id!r}: expected 'namespace/name' (or 'name'), using letters, "
+            f"digits, '-', '_' and '.', for example 'alice/digits-mlp'."
+        )
+    return repo_id
+
+
+def _check_counter(value: object, label: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 0:
+        raise ConfigurationError(f"{label} must be a non-negative int or None, got {value!r}.")
+    return int(value)
+
+
+def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise ConfigurationError(
+            f"metrics must be a dict of name to number, got {type(metrics).__name__}."
+        )
+    checked = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigurationError(f"Metric names must be non-empty strings, got {key!r}.")
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise SerializationError(
+                f"Metric {key!r} has value {value!r} of type {type(value).__name__}; "
+                f"metrics must be numbers.",
+                key=key,
+            )
+        checked[key] = float(value)
+    return checked
+
+
+class HFManager:
+    """Checkpoints, retention, tracking and Hub sync for one training run.
+
+    Arguments left as ``None`` in a method fall back to the objects given to the
+    constructor or to :meth:`set_model`, :meth:`set_optimizer` and
+    :meth:`set_scheduler`; an object passed explicitly is always used, even a
+    falsy one such as an empty ``nn.Sequential``.
+
+    Concurrency: one manager may be used from several threads; commits and
+    deletions in a checkpoint folder are serialized. Several processes may read
+    one checkpoint folder, but only one manager should save into it at a time.
+    """
+
+    def __init__(
+        self,
+        repo_id: str | None = None,
+        local_dir: str | os.PathLike[str] = "./outputs",
+        checkpoint_dir: str | os.PathLike[str] = "./checkpoints",
+        hf_token: str | None = None,
+        private: bool = False,
+        retention_policy: RetentionPolicy | Any = None,
+        auto_push: bool = False,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+    ) -> None:
+        self.repo_id = _check_repo_id(repo_id)
+        if hf_token is not None and (not isinstance(hf_token, str) or not hf_token.strip()):
+            raise ConfigurationError("hf_token must be a non-empty string or None.")
+        self.private = bool(private)
+        self.auto_push = bool(auto_push)
+        if self.auto_push and self.repo_id is None:
+            raise RepoIdRequiredError(
+                "auto_push=True needs a repo_id to push to: pass repo_id='namespace/name'."
+            )
+        self.retention_policy = as_policy(retention_policy)
+        self._token = hf_token
+        self.local_dir = Path(local_dir).expanduser().resolve()
+        if self.local_dir.exists() and not self.local_dir.is_dir():
+            raise ConfigurationError(f"local_dir {self.local_dir} exists and is not a folder.")
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        self.store = CheckpointStore(checkpoint_dir)
+        self.checkpoint_dir = self.store.root
+        self._model = model
+        self._optimizer = optimizer
+        self._scheduler = scheduler
+        self._final_model: dict[str, Any] | None = None
+        self.tracker = self._open_tracker()
+
+    # Wiring ----------------------------------------------------------------------------------
+
+    def _open_tracker(self) -> ExperimentTracker:
+        secrets = [self._token] if self._token else []
+        path = self.local_dir / METADATA_FILENAME
+        if not path.exists():
+            return ExperimentTracker(secrets=secrets)
+        try:
+            metadata = read_metadata(path)
+        except ConfigurationError as err:
+            logger.warning("Starting a new metrics history: %s", err)
+            return ExperimentTracker(secrets=secrets)
+        tracker = ExperimentTracker.from_dict(metadata, secrets=secrets)
+        self._final_model = metadata.get("final_model")
+        logger.info("Continuing the metrics history found in %s", path)
+        return tracker
+
+    def set_model(self, model: torch.nn.Module | None) -> None:
+        self._model = model
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self._optimizer = optimizer
+
+    def set_scheduler(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        return self._model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._optimizer
+
+    @property
+    def scheduler(self) -> Any:
+        return self._scheduler
+
+    def __repr__(self) -> str:
+        return (
+            f"HFManager(repo_id={self.repo_id!r}, local_dir={str(self.local_dir)!r}, "
+            f"checkpoint_dir={str(self.checkpoint_dir)!r}, private={self.private}, "
+            f"auto_push={self.auto_push}, retention_policy={self.retention_policy!r})"
+        )
+
+    def _require_repo_id(self, action: str) -> str:
+        if self.repo_id is None:
+            raise RepoIdRequiredError(
+                f"{action} needs a Hub repository, and this manager has no repo_id: create it with "
+                f"HFManager(repo_id='namespace/name', ...)."
+            )
+        return self.repo_id
+
+    # Tracking --------------------------------------------------------------------------------
+
+    def track_hyperparameters(self, hyperparameters: dict[str, Any]) -> None:
+        self.tracker.track_hyperparameters(hyperparameters)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.tracker.log_metrics(metrics, step=step)
+
+    # Saving ----------------------------------------------------------------------------------
+
+    def _default_name(self, step: int | None, epoch: int | None) -> str:
+        if step is not None:
+            return f"checkpoint-step-{step}"
+        if epoch is not None:
+            return f"checkpoint-epoch-{epoch}"
+        sequence = self.store.next_sequence()
+        while (self.checkpoint_dir / f"checkpoint-{sequence}").exists():
+            sequence += 1
+        return f"checkpoint-{sequence}"
+
+    def save_checkpoint(
+        self,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        epoch: int | None = None,
+        step: int | None = None,
+        metrics: dict[str, float] | None = None,
+        custom_state: Any = None,
+        config: Any = None,
+        name: str | None = None,
+        push: bool | None = None,
+        *,
+        allow_pickle: bool = False,
+    ) -> str:
+        """Save a checkpoint atomically and return its absolute path.
+
+        The checkpoint holds the model weights, optimizer and scheduler state, the
+        RNG states, ``custom_state`` and ``config``. After the commit, retention
+        runs and, with ``push=True`` or ``auto_push``, the checkpoint is queued for
+        the Hub. ``allow_pickle=True`` lets ``custom_state`` hold objects that JSON
+        and safetensors cannot represent; loading such a checkpoint then needs
+        ``allow_pickle=True`` too.
+        """
+        model = self._model if model is None else model
+        optimizer = self._optimizer if optimizer is None else optimizer
+        scheduler = self._scheduler if scheduler is None else scheduler
+        step = _check_counter(step, "step")
+        epoch = _check_counter(epoch, "epoch")
+        checked_metrics = _check_metrics(metrics)
+        push = self.auto_push if push is None else bool(push)
+        if push:
+            self._require_repo_id("save_checkpoint(push=True)")
+        name = validate_name(name, self.checkpoint_dir) if name is not None else None
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ConfigurationError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}."
+            )
+        state = build_state(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            rng_state=capture_rng_state(),
+            custom_state=custom_state,
+            config=config,
+            allow_pickle=allow_pickle,
+        )
+        name = name or self._default_name(step, epoch)
+        info = self._write_and_commit(name, state, step=step, epoch=epoch, metrics=checked_metrics)
+        self._after_commit(info, push=push)
+        return info.path
+
+    def _write_and_commit(self, name, state, *, step, epoch, metrics) -> CheckpointInfo:
+        pending = self.store.begin(name)
+        try:
+            components = write_state(pending, state)
+            now = time.time()
+            manifest = {
+                "epoch": epoch,
+                "step": step,
+                "metrics": metrics,
+                "timestamp": now,
+                "created_at": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(),
+                "library_version": __version__,
+                "torch_version": torch.__version__,
+                "components": components,
+                "tracking": {"history_length": self.tracker.history_length()},
+            }
+            return self.store.commit(pending, manifest)
+        except OSError as err:
+            self.store.abort(pending)
+            raise CheckpointSaveError(
+                f"Saving checkpoint {name!r} in {self.checkpoint_dir} failed: {err}. Nothing was "
+                f"committed and no earlier checkpoint was touched; free space or fix permissions "
+                f"there, or pass another checkpoint_dir.",
+                path=str(self.checkpoint_dir / name),
+            ) from err
+        except BaseException:
+            self.store.abort(pending)
+            raise
+
+    def _after_commit(self, info: CheckpointInfo, *, push: bool) -> None:
+        try:
+            self.save_metadata()
+        except OSError as err:
+            logger.warning("Checkpoint %s is saved, but writing the metadata failed: %s", info.name, err)
+        self.cleanup_checkpoints()
+        if push:
+            self._require_repo_id("Pushing a checkpoint")
+
+    # Retention -------------------------------------------------------------------------------
+
+    def _protected_checkpoints(self) -> set[str]:
+        return set()
+
+    def cleanup_checkpoints(self, dry_run: bool = False) -> list[str]:
+        """Apply the retention policy. Returns the names deleted (or, with dry_run, to delete)."""
+        plan = plan_retention(
+            self.retention_policy, self.store.list(), protected=self._protected_checkpoints()
+        )
+        if dry_run or not plan.delete:
+            return list(plan.delete)
+        return self.store.delete(plan.delete)
+
+    # Loading ---------------------------------------------------------------------------------
+
+    def list_checkpoints(self) -> list[dict[str, Any]]:
+        """Committed checkpoints, newest first (by commit order)."""
+        return [info.to_dict() for info in reversed(self.store.list())]
+
+    def load_checkpoint(
+        self,
+        name: str,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        map_location: Any = None,
+        *,
+        allow_pickle: bool = False,
+    ) -> dict[str, Any]:
+        """Load a checkpoint into the model, optimizer and scheduler, and restore the RNG states.
+
+        Every file is verified against its checksum before any object is changed.
+        """
+        info = self.store.get(name)
+        return self._load(info, model, optimizer, scheduler, map_location, allow_pickle)
+
+    def load_latest_checkpoint(
+        self,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        map_location: Any = None,
+        *,
+        allow_pickle: bool = False,
+    ) -> dict[str, Any] | None:
+        """Load the newest intact checkpoint; corrupted ones are skipped with a warning."""
+        for info in reversed(self.store.list()):
+            try:
+                return self._load(info, model, optimizer, scheduler, map_location, allow_pickle)
+            except CheckpointCorruptedError as err:
+                logger.warning("Skipping corrupted checkpoint %s: %s", info.name, err)
+        return None
+
+    def _load(self, info, model, optimizer, scheduler, map_location, allow_pickle) -> dict[str, Any]:
+        model = self._model if model is None else model
+        optimizer = self._optimizer if optimizer is None else optimizer
+        scheduler = self._scheduler if scheduler is None else scheduler
+        folder = Path(info.path)
+        manifest = self.store.read_manifest(info.name)
+        loaded = read_state(folder, manifest, map_location=map_location, allow_pickle=allow_pickle)
+        if model is not None:
+            if loaded.model_state is None:
+                logger.warning("Checkpoint %s holds no model weights; the model is unchanged", info.name)
+            else:
+                unwrap_model(model).load_state_dict(loaded.model_state)
+        if optimizer is not None:
+            if loaded.optimizer is None:
+                logger.warning("Checkpoint %s holds no optimizer state", info.name)
+            else:
+                optimizer.load_state_dict(loaded.optimizer)
+        if scheduler is not None:
+            if loaded.scheduler is None:
+                logger.warning("Checkpoint %s holds no scheduler state", info.name)
+            else:
+                scheduler.load_state_dict(loaded.scheduler)
+        if loaded.rng_state is not None:
+            restore_rng_state(loaded.rng_state)
+        history_length = (manifest.get("tracking") or {}).get("history_length")
+        if isinstance(history_length, int) and history_length < self.tracker.history_length():
+            self.tracker.truncate(history_length)
+        logger.info("Loaded checkpoint %s", info.name)
+        result = info.to_dict()
+        result.update(custom_state=loaded.custom_state, config=loaded.config)
+        return result
+
+    # Final model -----------------------------------------------------------------------------
+
+    def save_final_model(
+        self,
+        model: torch.nn.Module | None = None,
+        name: str = "final_model",
+        format: Literal["pt", "safetensors"] = "pt",
+        config: Any = None,
+    ) -> str:
+        """Save the trained weights (and ``config.json``) into ``local_dir/name`` and return that folder.
+
+        ``format="safetensors"`` writes ``model.safetensors`` and ``format="pt"``
+        writes ``pytorch_model.bin``, the names transformers' ``from_pretrained`` reads.
+        """
+        if format not in ("pt", "safetensors"):
+            raise ConfigurationError(
+                f"Unsupported format {format!r}: use format='safetensors' (recommended) or 'pt'."
+            )
+        validate_name(name, self.local_dir)
+        model = self._model if model is None else model
+        if model is None:
+            raise ConfigurationError(
+                "save_final_model needs a model: pass model= or call set_model() first."
+            )
+        folder = save_model_folder(model, self.local_dir / name, format=format, config=config)
+        self._final_model = {
+            "name": name,
+            "path": str(folder),
+            "format": format,
+            "files": sorted(path.name for path in folder.iterdir()),
+        }
+        self.save_metadata()
+        logger.info("Saved the final model to %s", folder)
+        return str(folder)
+
+    # Metadata and summary --------------------------------------------------------------------
+
+    def _run_info(self) -> dict[str, Any]:
+        return {
+            "repo_id": self.repo_id,
+            "local_dir": str(self.local_dir),
+            "checkpoint_dir": str(self.checkpoint_dir),
+            "retention_policy": repr(self.retention_policy),
+        }
+
+    def save_metadata(self, filename: str = METADATA_FILENAME) -> str:
+        """Write hyperparameters, metrics, checkpoints and environment to ``local_dir/filename``."""
+        validate_name(filename, self.local_dir)
+        metadata = build_metadata(
+            self.tracker,
+            checkpoints=self.list_checkpoints(),
+            final_model=self._final_model,
+            run=self._run_info(),
+            environment=collect_environment(os.getcwd()),
+        )
+        return write_metadata(self.local_dir / filename, metadata)
+
+    def get_summary(self) -> str:
+        return format_summary(
+            self.tracker,
+            run=self._run_info(),
+            checkpoints=self.list_checkpoints(),
+            final_model=self._final_model,
+        )
+
+    # Hub -------------------------------------------------------------------------------------
+
+    def push(
+        self,
+        push_checkpoints: bool = True,
+        push_metadata: bool = True,
+        push_final_model: bool = False,
+        commit_message: str = "Upload training artifacts",
+    ) -> None:
+        self._require_repo_id("push()")
+
+    def register_custom_model(
+        self,
+        model: torch.nn.Module | None = None,
+        config: Any = None,
+        repo_id: str | None = None,
+        model_name: str | None = None,
+        description: str = "",
+        push_to_hub: bool = False,
+        commit_message: str = "Upload custom model",
+    ) -> str | None:
+        if push_to_hub and repo_id is None:
+            self._require_repo_id("register_custom_model(push_to_hub=True)")
+        return None
+
+    # Lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush pending work. Safe to call more than once."""
+
+    def __enter__(self) -> HFManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _is_finite(value: float) -> bool:
+    return math.isfinite(value)
