@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import math
 import numbers
 import os
 import re
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,12 +22,24 @@ from hf_lifecycle.checkpoint.serialize import build_state, read_state, unwrap_mo
 from hf_lifecycle.checkpoint.store import CheckpointStore, validate_name
 from hf_lifecycle.errors import (
     CheckpointCorruptedError,
+    CheckpointNotFoundError,
     CheckpointSaveError,
     ConfigurationError,
+    HubError,
+    PushError,
     RepoIdRequiredError,
     SerializationError,
 )
 from hf_lifecycle.final_model import save_model_folder
+from hf_lifecycle.hub.sync import (
+    HubSync,
+    checkpoint_operations,
+    describe_error,
+    delete_folder_operation,
+    file_operations,
+    pointer_operation,
+    run_with_retries,
+)
 from hf_lifecycle.retention import RetentionPolicy, as_policy, plan_retention
 from hf_lifecycle.tracking import (
     ExperimentTracker,
@@ -112,6 +124,10 @@ class HFManager:
         model: torch.nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any = None,
+        *,
+        prune_hub_checkpoints: bool = False,
+        push_retries: int = 4,
+        push_retry_wait: float = 2.0,
     ) -> None:
         self.repo_id = _check_repo_id(repo_id)
         if hf_token is not None and (not isinstance(hf_token, str) or not hf_token.strip()):
@@ -135,6 +151,20 @@ class HFManager:
         self._scheduler = scheduler
         self._final_model: dict[str, Any] | None = None
         self.tracker = self._open_tracker()
+        self.prune_hub_checkpoints = bool(prune_hub_checkpoints)
+        if isinstance(push_retries, bool) or not isinstance(push_retries, int) or push_retries < 0:
+            raise ConfigurationError(f"push_retries must be an int >= 0, got {push_retries!r}.")
+        self._push_retries = push_retries
+        self._push_retry_wait = float(push_retry_wait)
+        self._hub: HubSync | None = None
+        if self.repo_id is not None:
+            self._hub = HubSync(
+                self.repo_id,
+                token=hf_token,
+                private=self.private,
+                retries=push_retries,
+                retry_wait=self._push_retry_wait,
+            )
 
     # Wiring ----------------------------------------------------------------------------------
 
@@ -145,10 +175,10 @@ class HFManager:
             return ExperimentTracker(secrets=secrets)
         try:
             metadata = read_metadata(path)
+            tracker = ExperimentTracker.from_dict(metadata, secrets=secrets)
         except ConfigurationError as err:
             logger.warning("Starting a new metrics history: %s", err)
             return ExperimentTracker(secrets=secrets)
-        tracker = ExperimentTracker.from_dict(metadata, secrets=secrets)
         self._final_model = metadata.get("final_model")
         logger.info("Continuing the metrics history found in %s", path)
         return tracker
@@ -295,14 +325,15 @@ class HFManager:
             self.save_metadata()
         except OSError as err:
             logger.warning("Checkpoint %s is saved, but writing the metadata failed: %s", info.name, err)
-        self.cleanup_checkpoints()
         if push:
-            self._require_repo_id("Pushing a checkpoint")
+            self._enqueue_push(info)
+        self.cleanup_checkpoints()
 
     # Retention -------------------------------------------------------------------------------
 
     def _protected_checkpoints(self) -> set[str]:
-        return set()
+        # A checkpoint whose push has not succeeded yet must stay on disk.
+        return self._hub.protected() if self._hub is not None else set()
 
     def cleanup_checkpoints(self, dry_run: bool = False) -> list[str]:
         """Apply the retention policy. Returns the names deleted (or, with dry_run, to delete)."""
@@ -333,7 +364,12 @@ class HFManager:
 
         Every file is verified against its checksum before any object is changed.
         """
-        info = self.store.get(name)
+        try:
+            info = self.store.get(name)
+        except CheckpointNotFoundError:
+            if self._hub is None:
+                raise
+            info = self._fetch_from_hub(name)
         return self._load(info, model, optimizer, scheduler, map_location, allow_pickle)
 
     def load_latest_checkpoint(
@@ -345,8 +381,16 @@ class HFManager:
         *,
         allow_pickle: bool = False,
     ) -> dict[str, Any] | None:
-        """Load the newest intact checkpoint; corrupted ones are skipped with a warning."""
-        for info in reversed(self.store.list()):
+        """Load the newest intact checkpoint; corrupted ones are skipped with a warning.
+
+        With an empty checkpoint folder and a ``repo_id``, the latest complete
+        checkpoint on the Hub (only that one) is downloaded, verified and loaded.
+        """
+        local = self.store.list()
+        if not local and self._hub is not None:
+            info = self._fetch_from_hub(None)
+            local = [info] if info is not None else []
+        for info in reversed(local):
             try:
                 return self._load(info, model, optimizer, scheduler, map_location, allow_pickle)
             except CheckpointCorruptedError as err:
@@ -430,17 +474,19 @@ class HFManager:
             "retention_policy": repr(self.retention_policy),
         }
 
-    def save_metadata(self, filename: str = METADATA_FILENAME) -> str:
-        """Write hyperparameters, metrics, checkpoints and environment to ``local_dir/filename``."""
-        validate_name(filename, self.local_dir)
-        metadata = build_metadata(
+    def _metadata(self) -> dict[str, Any]:
+        return build_metadata(
             self.tracker,
             checkpoints=self.list_checkpoints(),
             final_model=self._final_model,
             run=self._run_info(),
             environment=collect_environment(os.getcwd()),
         )
-        return write_metadata(self.local_dir / filename, metadata)
+
+    def save_metadata(self, filename: str = METADATA_FILENAME) -> str:
+        """Write hyperparameters, metrics, checkpoints and environment to ``local_dir/filename``."""
+        validate_name(filename, self.local_dir)
+        return write_metadata(self.local_dir / filename, self._metadata())
 
     def get_summary(self) -> str:
         return format_summary(
@@ -452,6 +498,36 @@ class HFManager:
 
     # Hub -------------------------------------------------------------------------------------
 
+    def _hub_sync(self, action: str) -> HubSync:
+        self._require_repo_id(action)
+        assert self._hub is not None
+        return self._hub
+
+    def _enqueue_push(self, info: CheckpointInfo) -> None:
+        hub = self._hub_sync("Pushing a checkpoint")
+        hub.token(required=True)  # A missing token fails here, in the caller's thread.
+        hub.unpushed.add(info.name)
+        folder = Path(info.path)
+        metadata_path = self.local_dir / METADATA_FILENAME
+
+        def job() -> None:
+            operations = checkpoint_operations(info.name, folder) + [pointer_operation(info)]
+            if metadata_path.exists():
+                # Bytes, not the path: the file may be replaced while the upload runs.
+                operations += file_operations([(METADATA_FILENAME, metadata_path.read_bytes())])
+            hub.commit(operations, f"Add checkpoint {info.name}")
+            hub.unpushed.discard(info.name)
+            logger.info("Pushed checkpoint %s to %s", info.name, hub.repo_id)
+            # Retention skipped this checkpoint while its push was pending; apply it now.
+            self.cleanup_checkpoints()
+
+        hub.queue.submit(info.name, job)
+
+    def wait_for_pushes(self, timeout: float | None = None) -> None:
+        """Block until background pushes finish; raise PushError naming any that failed."""
+        if self._hub is not None:
+            self._hub.wait(timeout)
+
     def push(
         self,
         push_checkpoints: bool = True,
@@ -459,7 +535,107 @@ class HFManager:
         push_final_model: bool = False,
         commit_message: str = "Upload training artifacts",
     ) -> None:
-        self._require_repo_id("push()")
+        """Upload checkpoints, metadata, model card and (optionally) the final model in one commit.
+
+        Background pushes are flushed first, and any that failed raise PushError
+        here; calling push() again then uploads every local checkpoint.
+        """
+        hub = self._hub_sync("push()")
+        if push_final_model and self._final_model is None:
+            raise ConfigurationError(
+                "push_final_model=True, but no final model was saved: call save_final_model() first."
+            )
+        hub.token(required=True)
+        hub.wait()
+        checkpoints = self.store.list() if push_checkpoints else []
+        operations: list[Any] = []
+        for info in checkpoints:
+            operations += checkpoint_operations(info.name, Path(info.path))
+        if checkpoints:
+            operations.append(pointer_operation(checkpoints[-1]))
+        if push_checkpoints and self.prune_hub_checkpoints:
+            kept = {info.name for info in checkpoints}
+            for name in sorted(hub.remote_checkpoints() - kept):
+                operations.append(delete_folder_operation(name))
+        if push_metadata or push_final_model:
+            operations += self._card_operations(hub.repo_id, include_metadata=push_metadata)
+        if push_final_model:
+            folder = Path(self._final_model["path"])
+            operations += file_operations(
+                (path.name, path) for path in sorted(folder.iterdir()) if path.is_file()
+            )
+        if not operations:
+            logger.info("Nothing to push to %s", hub.repo_id)
+            return
+        try:
+            run_with_retries(
+                lambda: hub.commit(operations, commit_message),
+                "push()",
+                retries=self._push_retries,
+                retry_wait=self._push_retry_wait,
+            )
+        except PushError:
+            raise
+        except HubError:
+            raise
+        except Exception as err:
+            raise PushError(
+                f"push() to {hub.repo_id} failed: {describe_error(err)}. Local files are "
+                f"unchanged; call push() again.",
+                repo_id=hub.repo_id,
+                checkpoints=[info.name for info in checkpoints],
+            ) from err
+        hub.unpushed.difference_update(info.name for info in checkpoints)
+        logger.info(
+            "Pushed %d checkpoints%s%s to %s",
+            len(checkpoints),
+            ", metadata" if push_metadata else "",
+            ", final model" if push_final_model else "",
+            hub.repo_url,
+        )
+
+    def _card_operations(self, repo_id: str, *, include_metadata: bool) -> list[Any]:
+        from hf_lifecycle.hub.card import write_card_files
+
+        metadata = self._metadata()
+        write_metadata(self.local_dir / METADATA_FILENAME, metadata)
+        written = write_card_files(
+            self.local_dir,
+            metadata,
+            repo_id=repo_id,
+            final_model=self._final_model,
+            tracker=self.tracker,
+        )
+        files = [(relative, self.local_dir / relative) for relative in written]
+        if include_metadata:
+            files.append((METADATA_FILENAME, self.local_dir / METADATA_FILENAME))
+        return file_operations(files)
+
+    def _fetch_from_hub(self, name: str | None) -> CheckpointInfo | None:
+        """Download one checkpoint (the Hub's latest when ``name`` is None) into the local store."""
+        hub = self._hub_sync("Loading from the Hub")
+        revision = hub.head()
+        if revision is None:
+            if name is None:
+                return None
+            raise CheckpointNotFoundError(
+                f"No checkpoint named {name!r} locally, and Hub repository {hub.repo_id} does not "
+                f"exist.",
+                path=str(self.checkpoint_dir / name),
+            )
+        if name is None:
+            pointer = hub.latest_pointer(revision)
+            if pointer is None:
+                return None
+            name = validate_name(pointer["name"], self.checkpoint_dir)
+        staging = self.store.staging_dir("hub")
+        try:
+            folder = hub.download_checkpoint(name, revision, staging)
+            info = self.store.import_folder(name, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        logger.info("Downloaded checkpoint %s from %s at %s", name, hub.repo_id, revision[:12])
+        return info
 
     def register_custom_model(
         self,
@@ -471,21 +647,71 @@ class HFManager:
         push_to_hub: bool = False,
         commit_message: str = "Upload custom model",
     ) -> str | None:
-        if push_to_hub and repo_id is None:
+        """Register a custom architecture with transformers' Auto classes; optionally push it.
+
+        Saves a self-contained folder under ``local_dir`` (weights, config with
+        ``auto_map``, the modeling and configuration sources, a model card) that
+        loads with ``AutoModel.from_pretrained(folder, trust_remote_code=True)``.
+        Returns the repository URL when pushed, else None.
+        """
+        from hf_lifecycle.registry import register_custom_model as register
+
+        repo_id = _check_repo_id(repo_id)
+        target_repo = repo_id or self.repo_id
+        if push_to_hub and target_repo is None:
             self._require_repo_id("register_custom_model(push_to_hub=True)")
-        return None
+        model = self._model if model is None else model
+        hub = None
+        if push_to_hub:
+            hub = self._hub if target_repo == self.repo_id else HubSync(
+                target_repo, token=self._token, private=self.private,
+                retries=self._push_retries, retry_wait=self._push_retry_wait,
+            )
+            hub.token(required=True)
+        registered = register(
+            model,
+            config,
+            output_dir=self.local_dir / "custom_models",
+            model_name=model_name,
+            description=description,
+            repo_id=target_repo,
+        )
+        self._registered_model = str(registered.folder)
+        if hub is None:
+            return None
+        operations = file_operations(
+            (path.relative_to(registered.folder).as_posix(), path)
+            for path in sorted(registered.folder.rglob("*"))
+            if path.is_file()
+        )
+        run_with_retries(
+            lambda: hub.commit(operations, commit_message),
+            "register_custom_model",
+            retries=self._push_retries,
+            retry_wait=self._push_retry_wait,
+        )
+        if hub is not self._hub:
+            hub.unregister_exit_flush()
+        logger.info("Pushed custom model %s to %s", registered.model_type, hub.repo_url)
+        return hub.repo_url
 
     # Lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Flush pending work. Safe to call more than once."""
+        """Flush background pushes; raise PushError for any that failed. Safe to call twice."""
+        if self._hub is not None:
+            self._hub.wait()
+            self._hub.unregister_exit_flush()
 
     def __enter__(self) -> HFManager:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def _is_finite(value: float) -> bool:
-    return math.isfinite(value)
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # An exception is already propagating: report push failures without masking it.
+        try:
+            self.close()
+        except PushError as err:
+            logger.error("%s", err)

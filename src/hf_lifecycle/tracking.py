@@ -886,8 +886,19 @@ def build_metadata(
         "checkpoints": _scrub_secrets(checkpoint_dicts, secrets),
         "final_model": _scrub_secrets(model, secrets),
         "environment": _scrub_secrets(_plain_dict(environment, "environment"), secrets),
-        "updated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "updated_at": _last_change(state["metrics_history"], checkpoint_dicts),
     }
+
+
+def _last_change(history: dict[str, list[dict[str, Any]]], checkpoints: list[dict[str, Any]]) -> str | None:
+    # Derived from the content, not the clock, so an unchanged run writes identical bytes and a
+    # second push finds nothing to upload.
+    times = [record.get("timestamp") for records in history.values() for record in records]
+    times += [item.get("timestamp") for item in checkpoints]
+    finite = [value for value in times if isinstance(value, (int, float)) and value > 0]
+    if not finite:
+        return None
+    return datetime.datetime.fromtimestamp(max(finite), datetime.timezone.utc).isoformat()
 
 
 def write_metadata(path: str | os.PathLike[str], metadata: Mapping[str, Any]) -> str:

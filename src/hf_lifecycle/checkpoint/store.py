@@ -256,6 +256,54 @@ class CheckpointStore:
         fsync_dir(self.root)
         shutil.rmtree(aside, ignore_errors=True)
 
+    def staging_dir(self, purpose: str) -> Path:
+        """A temporary folder inside the store (same file system, removed as a leftover if orphaned)."""
+        suffix = f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        folder = self.root / f"{_TEMP_PREFIX}{purpose}-{suffix}"
+        folder.mkdir()
+        return folder
+
+    def import_folder(self, name: str, source: Path) -> CheckpointInfo:
+        """Adopt a complete checkpoint folder (downloaded from the Hub) as the newest checkpoint.
+
+        Every file is verified against the manifest first; ``source`` must be inside
+        this store so the final rename is atomic.
+        """
+        validate_name(name, self.root)
+        manifest = read_manifest(source)
+        for relative, expected in manifest_files(manifest).items():
+            path = source / relative
+            if not path.is_file():
+                raise CheckpointCorruptedError(
+                    f"Checkpoint file {path} is corrupted: the file is missing.",
+                    path=str(source), file=str(path),
+                )
+            if checksum_file(path) != expected:
+                raise CheckpointCorruptedError(
+                    f"Checkpoint file {path} is corrupted: checksum mismatch.",
+                    path=str(source), file=str(path),
+                )
+        with self._lock:
+            manifest = dict(manifest, name=name, sequence=self.next_sequence())
+            data = json.dumps(json_safe(manifest), indent=2, allow_nan=False).encode("utf-8")
+            manifest_path = source / MANIFEST_NAME
+            os.unlink(manifest_path)
+            with open(manifest_path, "xb", buffering=0) as handle:
+                handle.write(data)
+                os.fsync(handle.fileno())
+            fsync_dir(source)
+            final = self.root / name
+            if final.exists():
+                self._replace(source, final)
+            else:
+                os.rename(source, final)
+            fsync_dir(self.root)
+            self._entries[name] = self._index_entry(manifest)
+            self._identities[name] = self._identity(final)
+            self._write_index()
+            logger.info("Imported checkpoint %s (sequence %d)", name, manifest["sequence"])
+            return self._record(final, manifest)
+
     # Deleting -------------------------------------------------------------------------------
 
     def delete(self, names: Iterable[str]) -> list[str]:
