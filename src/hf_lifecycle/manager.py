@@ -20,6 +20,7 @@ from hf_lifecycle.checkpoint.format import capture_rng_state, restore_rng_state
 from hf_lifecycle.checkpoint.info import CheckpointInfo
 from hf_lifecycle.checkpoint.serialize import build_state, read_state, unwrap_model, write_state
 from hf_lifecycle.checkpoint.store import CheckpointStore, validate_name
+from hf_lifecycle.checkpoint.writer import BackgroundWriter, snapshot_state
 from hf_lifecycle.errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
@@ -128,6 +129,7 @@ class HFManager:
         prune_hub_checkpoints: bool = False,
         push_retries: int = 4,
         push_retry_wait: float = 2.0,
+        async_save: bool = False,
     ) -> None:
         self.repo_id = _check_repo_id(repo_id)
         if hf_token is not None and (not isinstance(hf_token, str) or not hf_token.strip()):
@@ -152,6 +154,8 @@ class HFManager:
         self._final_model: dict[str, Any] | None = None
         self.tracker = self._open_tracker()
         self.prune_hub_checkpoints = bool(prune_hub_checkpoints)
+        self.async_save = bool(async_save)
+        self._writer = BackgroundWriter()
         if isinstance(push_retries, bool) or not isinstance(push_retries, int) or push_retries < 0:
             raise ConfigurationError(f"push_retries must be an int >= 0, got {push_retries!r}.")
         self._push_retries = push_retries
@@ -204,6 +208,11 @@ class HFManager:
     def scheduler(self) -> Any:
         return self._scheduler
 
+    @property
+    def repo_url(self) -> str | None:
+        """URL of the Hub repository, or None without a repo_id."""
+        return self._hub.repo_url if self._hub is not None else None
+
     def __repr__(self) -> str:
         return (
             f"HFManager(repo_id={self.repo_id!r}, local_dir={str(self.local_dir)!r}, "
@@ -253,7 +262,9 @@ class HFManager:
         push: bool | None = None,
         *,
         allow_pickle: bool = False,
-    ) -> str:
+        blocking: bool | None = None,
+        skip_if_busy: bool = False,
+    ) -> str | None:
         """Save a checkpoint atomically and return its absolute path.
 
         The checkpoint holds the model weights, optimizer and scheduler state, the
@@ -262,6 +273,14 @@ class HFManager:
         the Hub. ``allow_pickle=True`` lets ``custom_state`` hold objects that JSON
         and safetensors cannot represent; loading such a checkpoint then needs
         ``allow_pickle=True`` too.
+
+        ``blocking=False`` (the default when the manager was created with
+        ``async_save=True``) returns once an exact snapshot of the state is taken;
+        a worker thread writes and commits it, then applies retention and queues
+        the push. At most one save is in flight: the call waits for the previous
+        one, or returns None without saving when ``skip_if_busy=True``. Errors of
+        a background save are raised by the next save, :meth:`wait_for_checkpoints`
+        and :meth:`close`.
         """
         model = self._model if model is None else model
         optimizer = self._optimizer if optimizer is None else optimizer
@@ -286,12 +305,44 @@ class HFManager:
             config=config,
             allow_pickle=allow_pickle,
         )
+        blocking = not self.async_save if blocking is None else bool(blocking)
+        if self._writer.busy:
+            if skip_if_busy:
+                logger.info("Skipped a checkpoint save: the previous one is still being written")
+                return None
+        self._writer.wait()  # Raises the previous background save's error, if any.
         name = name or self._default_name(step, epoch)
-        info = self._write_and_commit(name, state, step=step, epoch=epoch, metrics=checked_metrics)
-        self._after_commit(info, push=push)
-        return info.path
+        history_length = self.tracker.history_length()
+        if blocking:
+            info = self._write_and_commit(
+                name, state, step=step, epoch=epoch, metrics=checked_metrics,
+                history_length=history_length,
+            )
+            self._after_commit(info, push=push)
+            return info.path
+        snapshot = snapshot_state(state, self._writer.buffers)
 
-    def _write_and_commit(self, name, state, *, step, epoch, metrics) -> CheckpointInfo:
+        def job() -> None:
+            info = self._write_and_commit(
+                name, snapshot, step=step, epoch=epoch, metrics=checked_metrics,
+                history_length=history_length,
+            )
+            self._after_commit(info, push=push)
+
+        self._writer.submit(name, job)
+        return str(self.checkpoint_dir / name)
+
+    def wait_for_checkpoints(self, timeout: float | None = None) -> None:
+        """Block until the background save (if any) is committed; raise its error."""
+        if not self._writer.wait(timeout):
+            raise CheckpointSaveError(
+                f"Timed out after {timeout} s waiting for a background save to finish.",
+                path=str(self.checkpoint_dir),
+            )
+
+    def _write_and_commit(
+        self, name, state, *, step, epoch, metrics, history_length
+    ) -> CheckpointInfo:
         pending = self.store.begin(name)
         try:
             components = write_state(pending, state)
@@ -305,7 +356,7 @@ class HFManager:
                 "library_version": __version__,
                 "torch_version": torch.__version__,
                 "components": components,
-                "tracking": {"history_length": self.tracker.history_length()},
+                "tracking": {"history_length": history_length},
             }
             return self.store.commit(pending, manifest)
         except OSError as err:
@@ -698,7 +749,14 @@ class HFManager:
     # Lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Flush background pushes; raise PushError for any that failed. Safe to call twice."""
+        """Flush the background save and pushes; raise the first error. Safe to call twice."""
+        try:
+            self._writer.wait()
+        finally:
+            if self._hub is not None:
+                self._flush_hub()
+
+    def _flush_hub(self) -> None:
         if self._hub is not None:
             self._hub.wait()
             self._hub.unregister_exit_flush()
@@ -713,5 +771,5 @@ class HFManager:
         # An exception is already propagating: report push failures without masking it.
         try:
             self.close()
-        except PushError as err:
+        except (PushError, CheckpointSaveError) as err:
             logger.error("%s", err)
