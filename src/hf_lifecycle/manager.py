@@ -55,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 METADATA_FILENAME = "experiment_metadata.json"
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_UNSET: Any = object()
 
 
 def _check_repo_id(repo_id: object) -> str | None:
@@ -267,7 +266,7 @@ class HFManager:
     ) -> str | None:
         """Save a checkpoint atomically and return its absolute path.
 
-        The checkpoint holds the model weights, optimizer and scheduler state, the
+        The checkpoint contains the model weights, optimizer and scheduler state, the
         RNG states, ``custom_state`` and ``config``. After the commit, retention
         runs and, with ``push=True`` or ``auto_push``, the checkpoint is queued for
         the Hub. ``allow_pickle=True`` lets ``custom_state`` hold objects that JSON
@@ -457,17 +456,17 @@ class HFManager:
         loaded = read_state(folder, manifest, map_location=map_location, allow_pickle=allow_pickle)
         if model is not None:
             if loaded.model_state is None:
-                logger.warning("Checkpoint %s holds no model weights; the model is unchanged", info.name)
+                logger.warning("Checkpoint %s contains no model weights; the model is unchanged", info.name)
             else:
                 unwrap_model(model).load_state_dict(loaded.model_state)
         if optimizer is not None:
             if loaded.optimizer is None:
-                logger.warning("Checkpoint %s holds no optimizer state", info.name)
+                logger.warning("Checkpoint %s contains no optimizer state; the optimizer is unchanged", info.name)
             else:
                 optimizer.load_state_dict(loaded.optimizer)
         if scheduler is not None:
             if loaded.scheduler is None:
-                logger.warning("Checkpoint %s holds no scheduler state", info.name)
+                logger.warning("Checkpoint %s contains no scheduler state; the scheduler is unchanged", info.name)
             else:
                 scheduler.load_state_dict(loaded.scheduler)
         if loaded.rng_state is not None:
@@ -605,8 +604,8 @@ class HFManager:
         if checkpoints:
             operations.append(pointer_operation(checkpoints[-1]))
         if push_checkpoints and self.prune_hub_checkpoints:
-            kept = {info.name for info in checkpoints}
-            for name in sorted(hub.remote_checkpoints() - kept):
+            local_names = {info.name for info in checkpoints}
+            for name in sorted(hub.remote_checkpoints() - local_names):
                 operations.append(delete_folder_operation(name))
         if push_metadata or push_final_model:
             operations += self._card_operations(hub.repo_id, include_metadata=push_metadata)
@@ -625,8 +624,6 @@ class HFManager:
                 retries=self._push_retries,
                 retry_wait=self._push_retry_wait,
             )
-        except PushError:
-            raise
         except HubError:
             raise
         except Exception as err:

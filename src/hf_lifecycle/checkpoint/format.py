@@ -89,7 +89,7 @@ def _encode(value: Any, key: str, out: EncodedState, allow_pickle: bool) -> Any:
 def _fallback(value: Any, key: str, out: EncodedState, allow_pickle: bool) -> Any:
     if not allow_pickle:
         raise SerializationError(
-            f"{key} holds a {type(value).__module__}.{type(value).__qualname__}, which JSON and "
+            f"{key} contains a {type(value).__module__}.{type(value).__qualname__}, which JSON and "
             f"safetensors cannot store. Convert it to tensors, numbers, strings, lists or dicts, "
             f"or pass allow_pickle=True to this call if the checkpoint will only be loaded by "
             f"code you trust.",
@@ -170,7 +170,7 @@ def _lookup(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
 
 
 def place_tensor(tensor: torch.Tensor, saved_device: str, map_location: MapLocation) -> torch.Tensor:
-    """Move a loaded CPU tensor where ``map_location`` says, as :func:`torch.load` would."""
+    """Move a loaded CPU tensor to the device ``map_location`` selects, as :func:`torch.load` does."""
     if map_location is None:
         target = saved_device
         if not _device_available(target):

@@ -10,7 +10,7 @@ Repository layout::
 
 A checkpoint's files and ``checkpoints/latest.json`` always change in the same
 commit, so an interrupted push leaves the pointer on the previous complete
-checkpoint. Files the Hub already holds with the same content are skipped by
+checkpoint. Files the Hub already stores with the same content are skipped by
 the client, which compares the server's object ids with the local ones.
 """
 
@@ -65,7 +65,7 @@ def _status(error: BaseException) -> int | None:
 
 
 def describe_error(error: BaseException) -> str:
-    """One line about an error, without request headers (which would carry the token)."""
+    """Describe an error in one line, without request headers (which would carry the token)."""
     status = _status(error)
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     if len(text) > 300:
@@ -74,7 +74,7 @@ def describe_error(error: BaseException) -> str:
 
 
 def resolve_token(explicit: str | None) -> str | None:
-    """The token to use: ``explicit``, else ``HF_TOKEN``, else the one saved by ``hf auth login``."""
+    """Return ``explicit``, else ``HF_TOKEN``, else the token saved by ``hf auth login``."""
     if explicit:
         return explicit
     from huggingface_hub import get_token
@@ -85,8 +85,8 @@ def resolve_token(explicit: str | None) -> str | None:
 class PushQueue:
     """Runs push jobs one at a time, in submission order, in a background thread.
 
-    A job that fails with a retryable error is retried with exponential backoff;
-    after the last attempt the failure is logged as a warning and kept until
+    A job that fails with a retryable error is retried with exponential backoff.
+    After the last attempt the failure is logged as a warning and kept until
     :meth:`take_failures` hands it to the caller.
     """
 
@@ -325,7 +325,7 @@ class HubSync:
     # Fetching --------------------------------------------------------------------------------
 
     def head(self) -> str | None:
-        """The commit id of the default branch, or None when the repository does not exist."""
+        """Return the commit id of the default branch, or None when the repository does not exist."""
         from huggingface_hub.errors import RepositoryNotFoundError
 
         try:
