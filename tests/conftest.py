@@ -30,3 +30,68 @@ def _isolated_cwd(tmp_path, monkeypatch):
     """Run every test in its own empty folder, so default paths such as ./checkpoints stay apart."""
     monkeypatch.chdir(tmp_path)
     yield
+
+
+INTRUDER_TOKEN = "hf_intruder_token_0000"
+
+
+def _point_client_at(endpoint: str) -> None:
+    """Point huggingface_hub (and transformers, once imported) at ``endpoint``."""
+    import sys
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    os.environ["HF_ENDPOINT"] = endpoint
+    constants.ENDPOINT = endpoint
+    constants.HUGGINGFACE_CO_URL_TEMPLATE = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    # Module-level helpers such as huggingface_hub.upload_file use an HfApi built at import.
+    huggingface_hub.hf_api.api.endpoint = endpoint
+    if "transformers.utils.hub" in sys.modules:
+        # transformers keeps one HfApi, built with the endpoint of its first use.
+        sys.modules["transformers.utils.hub"]._hf_api = None
+
+
+@pytest.fixture(scope="session")
+def local_hub(tmp_path_factory):
+    """A LocalHub for the whole session, with users "tester" (HF_TOKEN) and "intruder"."""
+    from huggingface_hub import constants
+
+    from hf_lifecycle.hub.server import LocalHub
+
+    saved = (os.environ["HF_ENDPOINT"], constants.ENDPOINT, constants.HUGGINGFACE_CO_URL_TEMPLATE)
+    with LocalHub(tmp_path_factory.mktemp("local-hub"), port=0) as server:
+        server.add_user("tester", token=os.environ["HF_TOKEN"])
+        server.add_user("intruder", token=INTRUDER_TOKEN)
+        _point_client_at(server.endpoint)
+        try:
+            yield server
+        finally:
+            _point_client_at(saved[0])
+            constants.ENDPOINT = saved[1]
+            constants.HUGGINGFACE_CO_URL_TEMPLATE = saved[2]
+
+
+@pytest.fixture
+def hub(local_hub):
+    """The session's LocalHub with no faults and zeroed stats."""
+    local_hub.faults.clear()
+    local_hub.stats.reset()
+    yield local_hub
+    local_hub.faults.clear()
+
+
+@pytest.fixture
+def intruder_token():
+    """The token of "intruder", a second user of ``local_hub`` who owns no repositories."""
+    return INTRUDER_TOKEN
+
+
+@pytest.fixture
+def repo_id(request):
+    """A repository id under "tester/" that no other test uses (the repository is not created)."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^A-Za-z0-9_]+", "-", request.node.name).strip("-")[:60]
+    return f"tester/{name}-{uuid.uuid4().hex[:8]}"
