@@ -32,6 +32,9 @@ from hf_lifecycle.hub.server import LocalHub
 
 LFS_SIZE = 11 * 1024 * 1024
 
+# huggingface_hub 2.4.0 passes LFS upload bodies to httpx2 as data=<file>, which httpx2 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
 
 @pytest.fixture
 def api(hub):
@@ -421,6 +424,22 @@ def test_private_repo_hidden_from_others(api, hub, repo_id, tmp_path, intruder_t
         hf_hub_download(repo_id, "s.txt", token=False, cache_dir=tmp_path)
     with pytest.raises(RepositoryNotFoundError):
         intruder.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo_id)
+
+
+def test_visibility_change_applies(api, hub, repo_id, intruder_token):
+    api.create_repo(repo_id)
+    intruder = HfApi(endpoint=hub.endpoint, token=intruder_token)
+    assert intruder.repo_exists(repo_id)
+
+    api.update_repo_settings(repo_id, private=True)
+    assert not intruder.repo_exists(repo_id)
+    assert api.repo_info(repo_id).private is True
+
+    api.update_repo_settings(repo_id, visibility="public")
+    assert intruder.repo_exists(repo_id)
+    with pytest.raises(HfHubHTTPError) as excinfo:
+        intruder.update_repo_settings(repo_id, private=True)
+    assert excinfo.value.response.status_code == 403
 
 
 def test_public_repo_read_only_for_others(api, hub, repo_id, tmp_path, intruder_token):

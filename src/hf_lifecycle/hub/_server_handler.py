@@ -109,9 +109,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self._remaining = int(length)
             self._body_done = self._remaining == 0
 
-    def _read(self, size: int) -> bytes:
+    def _read(self, size: int, *, line: bool = False) -> bytes:
+        """Read up to ``size`` bytes, or one line of at most ``size`` bytes, of the body."""
         try:
-            data = self.rfile.read(size)
+            data = self.rfile.readline(size) if line else self.rfile.read(size)
         except OSError as err:
             raise _ConnectionDropped() from err
         if not data:
@@ -121,21 +122,20 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _raw_chunks(self) -> Iterator[bytes]:
         if self._chunked:
             while True:
-                size_line = self.rfile.readline(1024).split(b";")[0].strip()
-                try:
-                    size = int(size_line, 16)
-                except ValueError:
+                size_field = self._read(1024, line=True).split(b";")[0].strip()
+                if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", size_field):
                     self.close_connection = True
-                    raise HubRequestError(400, "Invalid chunked request body.") from None
+                    raise HubRequestError(400, f"Invalid chunk size {size_field[:20]!r}.")
+                size = int(size_field, 16)
                 if size == 0:
-                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    while self._read(1024, line=True) not in (b"\r\n", b"\n"):
                         pass  # Trailer fields are ignored.
                     return
                 while size > 0:
                     data = self._read(min(size, _CHUNK))
                     size -= len(data)
                     yield data
-                self.rfile.readline(16)
+                self._read(16, line=True)
         else:
             assert self._remaining is not None
             while self._remaining > 0:

@@ -75,6 +75,7 @@ class HubRoutes(UploadEndpoints):
             ("DELETE", "tag"): ("tag", self.delete_tag),
             ("GET", "refs"): ("refs", self.refs),
             ("GET", "commits"): ("commits", self.commits),
+            ("PUT", "settings"): ("settings", self.update_settings),
             ("GET", "xet-read-token"): ("other", self.xet_token),
             ("GET", "xet-write-token"): ("other", self.xet_token),
         }
@@ -209,6 +210,25 @@ class HubRoutes(UploadEndpoints):
         key, _ = self._repo_key_from_body(request)
         self._writable(request, (key.type, key.namespace, key.name))
         self.store.delete_repo(key)
+        return json_response({})
+
+    def update_settings(
+        self, request: Request, raw: tuple[str, str, str], tail: list[str]
+    ) -> Response:
+        """Change a repository's visibility. Gating is not supported."""
+        key, _ = self._writable(request, raw)
+        payload = request.json()
+        if not isinstance(payload, dict):
+            raise bad_request("Expected a JSON object with 'visibility' or 'private'.")
+        if payload.get("gated") not in (None, False):
+            raise bad_request("Gated repositories are not supported by this server.")
+        visibility = payload.get("visibility")
+        if visibility is None and isinstance(payload.get("private"), bool):
+            visibility = "private" if payload["private"] else "public"
+        if visibility is not None:
+            if visibility not in ("public", "private", "protected"):
+                raise bad_request(f"Invalid visibility {visibility!r}: use 'public' or 'private'.")
+            self.store.set_private(key, visibility != "public")
         return json_response({})
 
     def repo_info(self, request: Request, raw: tuple[str, str, str], tail: list[str]) -> Response:

@@ -18,7 +18,7 @@ server serves the same repositories.
 
 Concurrency: the server handles each connection on its own thread. ``add_user``, ``faults``
 and ``stats`` may be used from any thread while it serves. Two servers must not share one
-``path`` at the same time, because locks are per process.
+``path`` at the same time, because each server serializes writes with its own locks.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ REQUEST_KINDS = (
     "commits",
     "validate_yaml",
     "delete_repo",
+    "settings",
     "other",
 )
 """Kinds of request that :class:`Stats` counts. ``other`` covers unknown routes."""
@@ -98,7 +99,7 @@ class _Rule:
 
 @dataclass(frozen=True)
 class _FaultAction:
-    """What the server does to one request: wait, then reset the connection or send an error."""
+    """The faults for one request: a wait, then a connection reset or an error reply."""
 
     delay: float = 0.0
     status: int | None = None
