@@ -1,0 +1,1 @@
+"""Model code for the registry tests, which registration ships as custom code."""
