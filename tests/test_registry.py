@@ -78,8 +78,17 @@ def out(tmp_path: Path) -> Path:
 
 
 def load_in_fresh_process(
-    tmp_path: Path, folder: Path, inputs: torch.Tensor, expected: torch.Tensor, *auto_classes: str
+    tmp_path: Path,
+    folder: Path | str,
+    inputs: torch.Tensor,
+    expected: torch.Tensor,
+    *auto_classes: str,
+    env_updates: dict[str, str] | None = None,
 ) -> dict:
+    """Load ``folder`` in a fresh Python process and return the result that LOAD_SCRIPT writes.
+
+    ``folder`` may be a repository id when ``env_updates`` points the process at a Hub.
+    """
     tensors_file = tmp_path / "tensors.safetensors"
     save_file({"input": inputs.contiguous(), "expected": expected.contiguous()}, tensors_file)
     script = tmp_path / "load_registered.py"
@@ -90,6 +99,7 @@ def load_in_fresh_process(
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["HF_HOME"] = str(tmp_path / "child_hf_home")
     env["HF_HUB_OFFLINE"] = "1"
+    env.update(env_updates or {})
     command = [sys.executable, str(script), str(folder), str(tensors_file), str(result_file)]
     completed = subprocess.run(
         [*command, *auto_classes], cwd=elsewhere, env=env, capture_output=True, text=True,

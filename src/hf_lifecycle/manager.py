@@ -708,6 +708,10 @@ class HFManager:
         target_repo = repo_id or self.repo_id
         if push_to_hub and target_repo is None:
             self._require_repo_id("register_custom_model(push_to_hub=True)")
+        if push_to_hub and (not isinstance(commit_message, str) or not commit_message.strip()):
+            raise ConfigurationError(
+                f"commit_message must be a non-empty string, got {commit_message!r}."
+            )
         model = self._model if model is None else model
         hub = None
         if push_to_hub:
@@ -732,14 +736,25 @@ class HFManager:
             for path in sorted(registered.folder.rglob("*"))
             if path.is_file()
         )
-        run_with_retries(
-            lambda: hub.commit(operations, commit_message),
-            "register_custom_model",
-            retries=self._push_retries,
-            retry_wait=self._push_retry_wait,
-        )
-        if hub is not self._hub:
-            hub.unregister_exit_flush()
+        try:
+            run_with_retries(
+                lambda: hub.commit(operations, commit_message),
+                "register_custom_model",
+                retries=self._push_retries,
+                retry_wait=self._push_retry_wait,
+            )
+        except HubError:
+            raise
+        except Exception as err:
+            raise PushError(
+                f"Pushing custom model {registered.model_type} to {hub.repo_id} failed: "
+                f"{describe_error(err)}. The folder {registered.folder} is written, so call "
+                f"register_custom_model(push_to_hub=True) again to upload it.",
+                repo_id=hub.repo_id,
+            ) from err
+        finally:
+            if hub is not self._hub:
+                hub.unregister_exit_flush()
         logger.info("Pushed custom model %s to %s", registered.model_type, hub.repo_url)
         return hub.repo_url
 
