@@ -129,6 +129,12 @@ def _owner_gone(folder_name: str, stale_after: float, mtime: float) -> bool:
     parts = folder_name.rsplit("-", 3)
     if len(parts) == 4 and parts[1] == _HOST and parts[2].isdigit():
         return int(parts[2]) != os.getpid() and not _pid_alive(int(parts[2]))
+    # The index is written by atomic_write_json, whose temporary name ends in .<pid>.<random>
+    # with no host. Removing a live writer's file on another host only makes that cache write
+    # fail with a logged warning, so the local pid check is enough.
+    index_parts = folder_name.rsplit(".", 2)
+    if folder_name.startswith(f"{_TEMP_PREFIX}{INDEX_NAME}.") and index_parts[1].isdigit():
+        return int(index_parts[1]) != os.getpid() and not _pid_alive(int(index_parts[1]))
     return time.time() - mtime > stale_after
 
 
