@@ -158,6 +158,9 @@ class CheckpointStore:
         self._lock = threading.RLock()
         self._entries: dict[str, dict[str, Any]] = {}
         self._identities: dict[str, list[int]] = {}
+        # Identity of each folder that listing skipped for lack of a valid manifest, so that a
+        # folder is read and logged again only after it changes.
+        self._skipped: dict[str, list[int]] = {}
         self._loaded_index = False
         if self.root.exists() and not self.root.is_dir():
             raise CheckpointSaveError(
@@ -353,6 +356,9 @@ class CheckpointStore:
         for info in self.list():
             if info.name == name:
                 return info
+        if (self.root / name).is_dir():
+            # Not listed but present: raise the manifest's own error, which names the file.
+            read_manifest(self.root / name)
         available = ", ".join(info.name for info in reversed(self.list()[-5:])) or "none"
         raise CheckpointNotFoundError(
             f"No checkpoint named {name!r} in {self.root} (newest: {available}). "
@@ -384,8 +390,10 @@ class CheckpointStore:
         for entry in os.scandir(self.root):
             if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
                 continue
-            stat = entry.stat(follow_symlinks=False)
-            present[entry.name] = [stat.st_ino, stat.st_mtime_ns]
+            try:
+                present[entry.name] = self._identity(Path(entry.path))
+            except FileNotFoundError:
+                continue  # Deleted since the scan.
         changed = False
         for name in list(self._entries):
             if name not in present:
@@ -395,13 +403,21 @@ class CheckpointStore:
         for name, identity in present.items():
             if name in self._entries and self._identities.get(name) == identity:
                 continue
+            if self._skipped.get(name) == identity:
+                continue
             try:
                 manifest = read_manifest(self.root / name)
-            except (CheckpointCorruptedError, OSError):
+            except (CheckpointCorruptedError, OSError) as err:
                 if name in self._entries:
                     del self._entries[name]
                     changed = True
-                continue  # A folder without a valid manifest is not a committed checkpoint.
+                # A folder without a valid manifest is not a committed checkpoint. A manifest
+                # that exists but fails to parse was damaged after the commit, so it gets a warning.
+                if identity[-1] >= 0:
+                    logger.warning("Skipping checkpoint folder %s: %s", name, err)
+                self._skipped[name] = identity
+                continue
+            self._skipped.pop(name, None)
             self._entries[name] = self._index_entry(manifest)
             self._identities[name] = identity
             changed = True
@@ -437,8 +453,16 @@ class CheckpointStore:
             logger.warning("Could not write checkpoint index %s: %s", self.root / INDEX_NAME, err)
 
     def _identity(self, folder: Path) -> list[int]:
+        # Editing or damaging manifest.json in place leaves the folder's own inode and mtime
+        # unchanged, so the manifest's stat is part of the identity. Size -1: no manifest.
         stat = folder.stat()
-        return [stat.st_ino, stat.st_mtime_ns]
+        try:
+            manifest = (folder / MANIFEST_NAME).stat()
+        except FileNotFoundError:
+            return [stat.st_ino, stat.st_mtime_ns, 0, 0, -1]
+        return [
+            stat.st_ino, stat.st_mtime_ns, manifest.st_ino, manifest.st_mtime_ns, manifest.st_size
+        ]
 
     @staticmethod
     def _index_entry(manifest: Mapping[str, Any]) -> dict[str, Any]:
