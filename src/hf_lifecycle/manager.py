@@ -568,8 +568,14 @@ class HFManager:
             hub.commit(operations, f"Add checkpoint {info.name}")
             hub.unpushed.discard(info.name)
             logger.info("Pushed checkpoint %s to %s", info.name, hub.repo_id)
-            # Retention skipped this checkpoint while its push was pending; apply it now.
-            self.cleanup_checkpoints()
+            # Retention skipped this checkpoint while its push was pending; apply it now. The
+            # queue lists the checkpoint as pending until this job returns, so it is passed as
+            # finished to leave it unprotected.
+            plan = plan_retention(
+                self.retention_policy, self.store.list(), protected=hub.protected(finished=info.name)
+            )
+            if plan.delete:
+                self.store.delete(plan.delete)
 
         hub.queue.submit(info.name, job)
 
@@ -634,6 +640,8 @@ class HFManager:
                 checkpoints=[info.name for info in checkpoints],
             ) from err
         hub.unpushed.difference_update(info.name for info in checkpoints)
+        # Retention kept these checkpoints while their push was failing; apply it now.
+        self.cleanup_checkpoints()
         logger.info(
             "Pushed %d checkpoints%s%s to %s",
             len(checkpoints),

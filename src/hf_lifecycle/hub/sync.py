@@ -319,8 +319,16 @@ class HubSync:
                 checkpoints=self.queue.pending(),
             )
 
-    def protected(self) -> set[str]:
-        return set(self.queue.pending()) | set(self.unpushed)
+    def protected(self, finished: str | None = None) -> set[str]:
+        """Checkpoints that retention must keep: those queued for a push or whose push failed.
+
+        ``finished`` names a push whose job has succeeded but not yet returned, so the queue
+        still lists it once; that listing does not count.
+        """
+        pending = self.queue.pending()
+        if finished is not None and finished in pending:
+            pending.remove(finished)
+        return set(pending) | set(self.unpushed)
 
     # Fetching --------------------------------------------------------------------------------
 
