@@ -289,7 +289,8 @@ class HFManager:
         checked_metrics = _check_metrics(metrics)
         push = self.auto_push if push is None else bool(push)
         if push:
-            self._require_repo_id("save_checkpoint(push=True)")
+            # A missing token raises here, before anything is written.
+            self._hub_sync("save_checkpoint(push=True)").token(required=True)
         name = validate_name(name, self.checkpoint_dir) if name is not None else None
         if model is not None and not isinstance(model, torch.nn.Module):
             raise ConfigurationError(
