@@ -387,18 +387,11 @@ class HubSync:
     # Interpreter exit ------------------------------------------------------------------------
 
     def _register_exit_flush(self) -> None:
-        reference = weakref.ref(self)
-
-        def flush_at_exit() -> None:
-            sync = reference()
-            if sync is not None:
-                sync.flush_at_exit()
-
-        atexit.register(flush_at_exit)
-        self._exit_hook = flush_at_exit
+        _FLUSH_AT_EXIT.add(self)
+        _register_exit_hook()
 
     def unregister_exit_flush(self) -> None:
-        atexit.unregister(self._exit_hook)
+        _FLUSH_AT_EXIT.discard(self)
 
     def flush_at_exit(self, timeout: float = 600.0) -> None:
         pending = self.queue.pending()
@@ -416,8 +409,52 @@ class HubSync:
                 f"The files are still on disk; run HFManager(repo_id={self.repo_id!r}).push() "
                 f"to upload them."
             )
-            logger.error(message)
-            print(message, file=sys.stderr)
+            if logger.hasHandlers():
+                logger.error("%s", message)
+            else:
+                # Without logging configuration the message must still reach the terminal.
+                print(message, file=sys.stderr)
+
+
+# HubSync objects whose pending pushes are flushed when the interpreter exits.
+_FLUSH_AT_EXIT: weakref.WeakSet[HubSync] = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def _flush_all_at_exit() -> None:
+    for sync in list(_FLUSH_AT_EXIT):
+        sync.flush_at_exit()
+
+
+def _register_exit_hook() -> None:
+    """Register :func:`_flush_all_at_exit` to run at interpreter exit, once per process.
+
+    Uploads use ThreadPoolExecutor, which rejects new work once the exit hook of
+    concurrent.futures has run, and that hook runs before any ``atexit`` function. The flush
+    is therefore registered with the same hook list as concurrent.futures
+    (``threading._register_atexit``, Python 3.9+), which runs in reverse order of
+    registration: importing concurrent.futures.thread first puts the flush ahead of it.
+    """
+    global _exit_hook_registered
+    with _exit_hook_lock:
+        if _exit_hook_registered:
+            return
+        import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours
+
+        registered = False
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            try:
+                register(_flush_all_at_exit)
+                registered = True
+            except RuntimeError:
+                pass  # Raised once interpreter shutdown has begun.
+        if not registered:
+            # NOTE: a flush from atexit runs after concurrent.futures has shut down, so a push
+            # that hashes or uploads several files in parallel fails and is reported lost.
+            atexit.register(_flush_all_at_exit)
+        _exit_hook_registered = True
 
 
 def checkpoint_operations(name: str, folder: Path) -> list[Any]:
