@@ -20,6 +20,7 @@ import atexit
 import json
 import logging
 import queue
+import re
 import sys
 import threading
 import time
@@ -47,6 +48,7 @@ _RETRYABLE_NAMES = {
     "WriteError",
     "ProtocolError",
 }
+_URL_QUERY = re.compile(r"(https?://[^\s'\"?#]+)[?#][^\s'\"]*")
 
 
 def is_retryable(error: BaseException) -> bool:
@@ -57,20 +59,41 @@ def is_retryable(error: BaseException) -> bool:
         return status in _RETRYABLE_STATUS
     if isinstance(error, (ConnectionError, TimeoutError)):
         return True
-    return any(cls.__name__ in _RETRYABLE_NAMES for cls in type(error).__mro__)
+    if any(cls.__name__ in _RETRYABLE_NAMES for cls in type(error).__mro__):
+        return True
+    # huggingface_hub wraps a failed LFS upload in a RuntimeError whose cause is the HTTP error.
+    cause = _wrapped_cause(error)
+    return cause is not None and is_retryable(cause)
+
+
+def _wrapped_cause(error: BaseException) -> BaseException | None:
+    """Return the ``__cause__`` of an error that has no HTTP status of its own, else None."""
+    cause = error.__cause__
+    if _status(error) is not None or cause is None or cause is error:
+        return None
+    return cause
 
 
 def _status(error: BaseException) -> int | None:
     return getattr(getattr(error, "response", None), "status_code", None)
 
 
-def describe_error(error: BaseException) -> str:
-    """Describe an error in one line, without request headers (which would carry the token)."""
+def describe_error(error: BaseException, *, max_causes: int = 3) -> str:
+    """Describe an error and up to ``max_causes`` of its causes in one line.
+
+    Request headers (which carry the token) are left out, and so are URL query strings, which
+    carry the signatures of LFS upload URLs.
+    """
     status = _status(error)
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = _URL_QUERY.sub(r"\1", text)
     if len(text) > 300:
         text = text[:300] + "..."
-    return f"HTTP {status}: {text}" if status else f"{type(error).__name__}: {text}"
+    description = f"HTTP {status}: {text}" if status else f"{type(error).__name__}: {text}"
+    cause = _wrapped_cause(error)
+    if cause is not None and max_causes > 0:
+        description += f" (caused by {describe_error(cause, max_causes=max_causes - 1)})"
+    return description
 
 
 def resolve_token(explicit: str | None) -> str | None:
