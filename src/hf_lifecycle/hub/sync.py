@@ -213,7 +213,6 @@ class HubSync:
         self.private = private
         self._explicit_token = token
         self._token: str | None = None
-        self._token_resolved = False
         self._api: Any = None
         self._repo_ready = False
         self._lock = threading.RLock()
@@ -228,9 +227,9 @@ class HubSync:
     # Client ----------------------------------------------------------------------------------
 
     def token(self, *, required: bool) -> str | None:
-        if not self._token_resolved:
+        if self._token is None:
+            # Looked up again while missing, so a token set or saved later is used.
             self._token = resolve_token(self._explicit_token)
-            self._token_resolved = True
         if required and not self._token:
             raise HubAuthenticationError(
                 f"No Hugging Face token found for pushing to {self.repo_id}. Pass "
