@@ -1,0 +1,129 @@
+"""save_final_model: the folder layout, tied weights, and loading with transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import safetensors
+import torch
+
+from hf_lifecycle import ConfigurationError, HFManager, load_model_weights
+
+FORMATS = ["pt", "safetensors"]
+WEIGHT_FILES = {"pt": "pytorch_model.bin", "safetensors": "model.safetensors"}
+
+
+class TinyLM(torch.nn.Module):
+    """An embedding and an LM head that share one weight matrix."""
+
+    def __init__(self, vocab: int = 11, width: int = 4) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.body = torch.nn.Linear(width, width)
+        self.lm_head = torch.nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+
+def tiny_lm(seed: int) -> TinyLM:
+    torch.manual_seed(seed)
+    return TinyLM()
+
+
+def new_manager(tmp_path: Path) -> HFManager:
+    return HFManager(local_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt")
+
+
+def assert_same_weights(expected: torch.nn.Module, actual: torch.nn.Module) -> None:
+    expected_state, actual_state = expected.state_dict(), actual.state_dict()
+    assert sorted(actual_state) == sorted(expected_state)
+    for key, value in expected_state.items():
+        assert torch.equal(actual_state[key], value), key
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_final_model_in_local_dir(tmp_path, format):
+    manager = new_manager(tmp_path)
+
+    folder = manager.save_final_model(tiny_lm(0), format=format, config={"vocab": 11})
+
+    assert folder == str(tmp_path / "out" / "final_model")
+    assert sorted(os.listdir(folder)) == sorted(["config.json", WEIGHT_FILES[format]])
+    assert os.listdir(manager.checkpoint_dir) == []
+    assert json.loads(Path(folder, "config.json").read_text()) == {"vocab": 11}
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_final_model_tied_round_trip(tmp_path, format):
+    original = tiny_lm(0)
+    folder = new_manager(tmp_path).save_final_model(original, name="lm", format=format)
+    restored = tiny_lm(1)
+    assert not torch.equal(restored.embed.weight, original.embed.weight)
+
+    load_model_weights(restored, folder)
+
+    assert restored.lm_head.weight is restored.embed.weight
+    assert_same_weights(original, restored)
+
+
+def test_final_model_tied_stored_once(tmp_path):
+    folder = new_manager(tmp_path).save_final_model(tiny_lm(0), format="safetensors")
+
+    with safetensors.safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as handle:
+        keys = sorted(handle.keys())
+        assert handle.metadata()["format"] == "pt"
+    assert keys == ["body.bias", "body.weight", "embed.weight"]
+
+
+@pytest.mark.parametrize(("first", "second"), [("pt", "safetensors"), ("safetensors", "pt")])
+def test_final_model_replace_drops_old_files(tmp_path, first, second):
+    manager = new_manager(tmp_path)
+    manager.save_final_model(tiny_lm(0), format=first)
+
+    folder = manager.save_final_model(tiny_lm(1), format=second)
+
+    assert os.listdir(folder) == [WEIGHT_FILES[second]]
+    assert [name for name in os.listdir(tmp_path / "out") if name.startswith(".")] == []
+    restored = tiny_lm(2)
+    load_model_weights(restored, folder)
+    assert_same_weights(tiny_lm(1), restored)
+
+
+def test_final_model_needs_model(tmp_path):
+    with pytest.raises(ConfigurationError) as caught:
+        new_manager(tmp_path).save_final_model()
+    assert "model" in str(caught.value)
+
+
+def test_final_model_uses_set_model(tmp_path):
+    manager = new_manager(tmp_path)
+    original = tiny_lm(0)
+    manager.set_model(original)
+
+    folder = manager.save_final_model(format="safetensors")
+
+    restored = tiny_lm(1)
+    load_model_weights(restored, folder)
+    assert_same_weights(original, restored)
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_final_model_gpt2_from_pretrained(tmp_path, format):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+
+    manager = new_manager(tmp_path)
+    folder = manager.save_final_model(model, name="gpt2", format=format, config=config)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+
+    assert_same_weights(model, loaded)
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    tokens = torch.arange(8).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
