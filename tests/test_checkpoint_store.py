@@ -6,7 +6,7 @@ import itertools
 import logging
 import os
 import random
-import types
+import time
 from pathlib import Path
 
 import pytest
@@ -78,13 +78,24 @@ def test_order_unpadded_names(tmp_path, steps):
     assert manager.load_latest_checkpoint(tiny_model())["name"] == expected[0]
 
 
+class SteppedClock:
+    """A stand-in for the time module whose ``time()`` calls ``now``."""
+
+    def __init__(self, now) -> None:
+        self.time = now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
 @pytest.mark.parametrize("tick", [0.0, -0.01], ids=["same-instant", "clock-backwards"])
 def test_order_saves_within_one_second(tmp_path, monkeypatch, tick):
     # The manifests' timestamps are equal, or step back as after a clock adjustment, all within
     # one second, so only the commit order can sort them.
     clock = itertools.count()
-    fake_time = types.SimpleNamespace(time=lambda: 1_700_000_000.5 + tick * next(clock))
-    monkeypatch.setattr("hf_lifecycle.manager.time", fake_time)
+    monkeypatch.setattr(
+        "hf_lifecycle.manager.time", SteppedClock(lambda: 1_700_000_000.5 + tick * next(clock))
+    )
     manager = new_manager(tmp_path)
     model = tiny_model()
     names = [f"run-{index}" for index in range(12)]

@@ -72,7 +72,7 @@ class Saver:
         if delay:
             time.sleep(delay)
         os.kill(pid, signal.SIGKILL)
-        lines, code = self.read_until_exit()
+        _, code = self.read_until_exit()
         return code
 
     def close(self) -> None:
