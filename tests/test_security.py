@@ -13,6 +13,7 @@ import safetensors
 import torch
 
 from hf_lifecycle import (
+    CheckpointCorruptedError,
     CheckpointError,
     ConfigurationError,
     HFManager,
@@ -21,6 +22,7 @@ from hf_lifecycle import (
     SerializationError,
     load_model_weights,
 )
+from hf_lifecycle.checkpoint.store import encode_manifest
 from hf_lifecycle.checkpoint.tensorfile import checksum_file
 
 
@@ -291,7 +293,10 @@ def test_planted_pickles_never_loaded(tmp_path):
 
 
 def mark_custom_state_pickled(folder: Path, marker: Path) -> None:
-    """Edit a checkpoint so that its manifest declares a pickled custom_state, checksums included."""
+    """Edit a checkpoint so that its manifest declares a pickled custom_state.
+
+    The edit recomputes every checksum, the manifest's own included, as an attacker could.
+    """
     state_tree = {"__type__": "pickle", "key": "custom_state"}
     (folder / "custom_state.json").write_text(json.dumps(state_tree))
     (folder / "custom_state.pkl").write_bytes(pickle.dumps({"custom_state": Payload(marker)}))
@@ -304,7 +309,7 @@ def mark_custom_state_pickled(folder: Path, marker: Path) -> None:
     manifest["files"].pop("custom_state.safetensors", None)
     for name in ("custom_state.json", "custom_state.pkl"):
         manifest["files"][name] = checksum_file(folder / name).to_dict()
-    manifest_path.write_text(json.dumps(manifest))
+    manifest_path.write_bytes(encode_manifest(manifest))
 
 
 def test_manifest_marked_pickle_not_loaded(tmp_path):
@@ -367,3 +372,16 @@ def test_pickled_checkpoint_needs_opt_in(tmp_path):
     with pytest.raises(CheckpointError) as caught:
         manager.load_checkpoint("p", tiny_model())
     assert "allow_pickle=True" in str(caught.value)
+
+
+def test_manifest_value_edit_detected(tmp_path):
+    # An edit that keeps the JSON valid (a changed step) is caught by the manifest's own checksum.
+    manager = new_manager(tmp_path)
+    folder = full_checkpoint(manager)
+    manifest_path = folder / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"sequence": 1', '"sequence": 7'))
+
+    with pytest.raises(CheckpointCorruptedError) as caught:
+        manager.load_checkpoint("full", tiny_model())
+
+    assert caught.value.file == str(manifest_path)

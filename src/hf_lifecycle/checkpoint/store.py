@@ -37,7 +37,7 @@ from typing import Any
 
 from hf_lifecycle._io import atomic_write_json, fsync_dir, json_safe, metric_value
 from hf_lifecycle.checkpoint.info import CheckpointInfo
-from hf_lifecycle.checkpoint.tensorfile import FileRecord, checksum_file
+from hf_lifecycle.checkpoint.tensorfile import FileRecord, checksum_file, new_hasher
 from hf_lifecycle.errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
@@ -230,7 +230,7 @@ class CheckpointStore:
                 files={path: record.to_dict() for path, record in sorted(pending.files.items())},
             )
             manifest_path = pending.temp_dir / MANIFEST_NAME
-            data = json.dumps(json_safe(manifest), indent=2, allow_nan=False).encode("utf-8")
+            data = encode_manifest(manifest)
             with open(manifest_path, "xb", buffering=0) as handle:
                 handle.write(data)
                 os.fsync(handle.fileno())
@@ -294,7 +294,7 @@ class CheckpointStore:
                 )
         with self._lock:
             manifest = dict(manifest, name=name, sequence=self.next_sequence())
-            data = json.dumps(json_safe(manifest), indent=2, allow_nan=False).encode("utf-8")
+            data = encode_manifest(manifest)
             manifest_path = source / MANIFEST_NAME
             os.unlink(manifest_path)
             with open(manifest_path, "xb", buffering=0) as handle:
@@ -490,6 +490,24 @@ class CheckpointStore:
         return self._info_from_entry(dict(self._index_entry(manifest), name=folder.name))
 
 
+MANIFEST_CHECKSUM_KEY = "manifest_checksum"
+
+
+def _manifest_digest(body: Mapping[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    hasher = new_hasher()
+    hasher.update(canonical.encode("utf-8"))
+    return hasher.hexdigest()
+
+
+def encode_manifest(manifest: Mapping[str, Any]) -> bytes:
+    """Serialize a manifest with a checksum of its own content, so any edit to it is detected."""
+    safe = json_safe(dict(manifest))
+    body = {key: value for key, value in safe.items() if key != MANIFEST_CHECKSUM_KEY}
+    body[MANIFEST_CHECKSUM_KEY] = _manifest_digest(body)
+    return json.dumps(body, indent=2, allow_nan=False).encode("utf-8")
+
+
 def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Parse and validate a checkpoint's manifest. A missing or malformed one is corruption."""
     path = Path(folder) / MANIFEST_NAME
@@ -517,6 +535,14 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     ):
         raise CheckpointCorruptedError(
             f"Checkpoint file {path} is corrupted: not an hf-lifecycle manifest.",
+            path=str(folder),
+            file=str(path),
+        )
+    recorded = manifest.get(MANIFEST_CHECKSUM_KEY)
+    body = {key: value for key, value in manifest.items() if key != MANIFEST_CHECKSUM_KEY}
+    if recorded != _manifest_digest(body):
+        raise CheckpointCorruptedError(
+            f"Checkpoint file {path} is corrupted: its content does not match its checksum.",
             path=str(folder),
             file=str(path),
         )
