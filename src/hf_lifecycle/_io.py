@@ -11,11 +11,60 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
 
 TEMP_PREFIX = ".tmp-"
+# Temporary names end in .<host>.<pid>.<random>, so a later process can tell an abandoned
+# temporary (its writer on this host has exited) from one that is still being written.
+HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+
+
+def temp_path(target: str | os.PathLike[str]) -> Path:
+    """A unique temporary path beside ``target``, named so :func:`remove_stale_temps` can find it."""
+    target = Path(target)
+    return target.with_name(
+        f"{TEMP_PREFIX}{target.name}.{HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[str]:
+    """Remove temporaries left in ``folder`` by writers on this host that have exited."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        parts = entry.name.rsplit(".", 3)
+        if not entry.name.startswith(TEMP_PREFIX) or len(parts) != 4:
+            continue
+        _, host, pid, _ = parts
+        if host != HOST or not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+        removed.append(entry.name)
+    return removed
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -35,7 +84,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` in one step, so readers see the old or the new content."""
     target = Path(path)
-    temp = target.with_name(f"{TEMP_PREFIX}{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    temp = temp_path(target)
     try:
         with open(temp, "wb") as handle:
             handle.write(data)
