@@ -235,7 +235,14 @@ def write_state(pending: PendingCheckpoint, state: CheckpointState) -> dict[str,
 
 
 def _tree_bytes(encoded: EncodedState) -> bytes:
-    return dumps_json(encoded.tree).encode("utf-8")
+    # Compact JSON goes through json's C encoder, about 8x faster than the indenting one on an
+    # optimizer tree of thousands of tensors. encode_state already tags non-finite floats, so
+    # allow_nan=False only fails on a tree built some other way, which dumps_json handles.
+    try:
+        text = json.dumps(encoded.tree, separators=(",", ":"), allow_nan=False) + "\n"
+    except ValueError:
+        text = dumps_json(encoded.tree)
+    return text.encode("utf-8")
 
 
 @dataclasses.dataclass
