@@ -41,6 +41,7 @@ from hf_lifecycle.hub.sync import (
     pointer_operation,
     run_with_retries,
 )
+from hf_lifecycle.integrations.tensorboard import RUNS_DIRNAME, TensorBoardLogger
 from hf_lifecycle.retention import RetentionPolicy, as_policy, plan_retention
 from hf_lifecycle.tracking import (
     ExperimentTracker,
@@ -152,6 +153,7 @@ class HFManager:
         self._scheduler = scheduler
         self._final_model: dict[str, Any] | None = None
         self.tracker = self._open_tracker()
+        self._tensorboard = TensorBoardLogger(self.local_dir / RUNS_DIRNAME)
         self.prune_hub_checkpoints = bool(prune_hub_checkpoints)
         self.async_save = bool(async_save)
         self._writer = BackgroundWriter()
@@ -233,7 +235,9 @@ class HFManager:
         self.tracker.track_hyperparameters(hyperparameters)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.tracker.log_metrics(metrics, step=step)
+        """Record ``metrics`` at ``step`` and write them to TensorBoard under ``local_dir/runs``."""
+        used_step = self.tracker.log_metrics(metrics, step=step)
+        self._tensorboard.add_scalars(metrics, used_step)
 
     # Saving ----------------------------------------------------------------------------------
 
@@ -566,6 +570,7 @@ class HFManager:
             if metadata_path.exists():
                 # Bytes, not the path: the file may be replaced while the upload runs.
                 operations += file_operations([(METADATA_FILENAME, metadata_path.read_bytes())])
+                operations += file_operations(self._tensorboard.read_files())
             hub.commit(operations, f"Add checkpoint {info.name}")
             hub.unpushed.discard(info.name)
             logger.info("Pushed checkpoint %s to %s", info.name, hub.repo_id)
@@ -666,6 +671,8 @@ class HFManager:
         files = [(relative, self.local_dir / relative) for relative in written]
         if include_metadata:
             files.append((METADATA_FILENAME, self.local_dir / METADATA_FILENAME))
+            # Event files are read under the writer's lock, so each upload ends on a whole record.
+            files += self._tensorboard.read_files()
         return file_operations(files)
 
     def _fetch_from_hub(self, name: str | None) -> CheckpointInfo | None:
@@ -774,6 +781,7 @@ class HFManager:
         try:
             self._writer.wait()
         finally:
+            self._tensorboard.close()
             if self._hub is not None:
                 self._flush_hub()
 
