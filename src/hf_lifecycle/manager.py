@@ -675,6 +675,26 @@ class HFManager:
             files += self._tensorboard.read_files()
         return file_operations(files)
 
+    def pull_checkpoint(self, name: str | None = None) -> dict[str, Any] | None:
+        """Download checkpoint ``name`` (the Hub's latest when None) unless it is already local.
+
+        Returns the checkpoint's listing entry, as in :meth:`list_checkpoints`, without loading
+        anything into a model, or None when the Hub holds no checkpoint. A local checkpoint of
+        the same name is returned as it is, without contacting the Hub for its files.
+        """
+        hub = self._hub_sync("pull_checkpoint()")
+        if name is None:
+            revision = hub.head()
+            pointer = hub.latest_pointer(revision) if revision is not None else None
+            if pointer is None:
+                return None
+            name = pointer["name"]
+        validate_name(name, self.checkpoint_dir)
+        for info in self.store.list():
+            if info.name == name:
+                return info.to_dict()
+        return self._fetch_from_hub(name).to_dict()
+
     def _fetch_from_hub(self, name: str | None) -> CheckpointInfo | None:
         """Download one checkpoint (the Hub's latest when ``name`` is None) into the local store."""
         hub = self._hub_sync("Loading from the Hub")
