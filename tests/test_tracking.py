@@ -281,6 +281,30 @@ def test_redaction_by_key_name_at_any_depth():
     assert hyperparameters["batch_size"] == 8
 
 
+@pytest.mark.parametrize(
+    ("key", "secret"),
+    [
+        ("hub_token", True),
+        ("HF_TOKEN", True),
+        ("hubToken", True),
+        ("token", True),
+        ("db_password", True),
+        ("openai_api_key", True),
+        ("client_secret", True),
+        ("pad_token_id", False),
+        ("eos_token_id", False),
+        ("max_tokens", False),
+        ("average_tokens_across_devices", False),
+        ("tokenizer_name", False),
+    ],
+)
+def test_secret_key_names(key, secret):
+    tracker = ExperimentTracker()
+    tracker.track_hyperparameters({key: "value"})
+
+    assert (tracker.hyperparameters[key] == REDACTED) is secret
+
+
 def test_redaction_by_secret_value():
     tracker = ExperimentTracker(secrets=[SECRET, None, ""])
     tracker.track_hyperparameters(

@@ -70,7 +70,6 @@ METADATA_FORMAT = "hf-lifecycle-metadata"
 METADATA_FORMAT_VERSION = 1
 
 # "token" inside "tokenizer", "tokenize" or "tokenise" names a text tokenizer, not a credential.
-_TOKENIZER_WORD = re.compile(r"token(?=i[sz])")
 
 # Words in a metric name that mean a larger value is better. Every other metric is minimized.
 _MAXIMIZED_WORDS = frozenset(
@@ -113,9 +112,18 @@ class _Record:
 
 
 def _is_secret_key(key: str) -> bool:
-    """Return True when a key name contains one of :data:`SECRET_MARKERS`, ignoring case."""
-    lowered = _TOKENIZER_WORD.sub("", key.lower())
-    return any(marker in lowered for marker in SECRET_MARKERS)
+    """Return True when a key name looks like a credential (``hub_token``, ``api_key``, ``password``).
+
+    The name is split into words. "token" counts only as the last word, so ``hf_token`` and
+    ``access_token`` are secrets while ``pad_token_id``, ``max_tokens`` and ``tokenizer_name``
+    are not. The other markers count anywhere in the name.
+    """
+    lowered = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()  # hubToken -> hub_token
+    words = [word for word in re.split(r"[^a-z0-9]+", lowered) if word]
+    if words and words[-1] == "token":
+        return True
+    joined = "_".join(words)
+    return any(marker in joined for marker in SECRET_MARKERS if marker != "token")
 
 
 def _contains_secret(text: str, secrets: Sequence[str]) -> bool:
