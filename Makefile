@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo demo-ddp test test-fast bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/train_digits.py
+
+demo-ddp: $(STAMP)
+	$(BIN)/torchrun --standalone --nproc_per_node=2 examples/train_digits_ddp.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

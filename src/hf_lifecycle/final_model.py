@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,8 +39,13 @@ def save_model_folder(
     *,
     format: Literal["pt", "safetensors"],
     config: Any = None,
+    state_dict: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``model``'s weights and ``config`` into ``folder``, replacing it atomically."""
+    """Write ``model``'s weights and ``config`` into ``folder``, replacing it atomically.
+
+    ``state_dict``, when given, is written in place of ``model.state_dict()``: the
+    full state gathered from a sharded model, for example.
+    """
     if not isinstance(model, torch.nn.Module):
         raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     config_text = config_to_json(config) if config is not None else None
@@ -48,7 +54,7 @@ def save_model_folder(
     temp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     temp.mkdir()
     try:
-        state = unwrap_model(model).state_dict()
+        state = dict(state_dict) if state_dict is not None else unwrap_model(model).state_dict()
         if format == "safetensors":
             tensors, aliases, extra = split_shared(state)
             if extra:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import numbers
@@ -16,16 +17,33 @@ from typing import Any, Literal
 import torch
 
 from hf_lifecycle._version import __version__
-from hf_lifecycle.checkpoint.format import capture_rng_state, restore_rng_state
+from hf_lifecycle.checkpoint.format import capture_rng_state, encode_state, restore_rng_state
 from hf_lifecycle.checkpoint.info import CheckpointInfo
 from hf_lifecycle.checkpoint.serialize import build_state, read_state, unwrap_model, write_state
 from hf_lifecycle.checkpoint.store import CheckpointStore, validate_name
 from hf_lifecycle.checkpoint.writer import BackgroundWriter, snapshot_state
+from hf_lifecycle.distributed import (
+    SHARDED_FOLDER,
+    RankGroup,
+    check_loadable,
+    full_model_state,
+    is_sharded,
+    load_full_model_state,
+    load_sharded,
+    on_main_rank,
+    quiet_other_ranks,
+    rank_rng_state,
+    record_sharded_files,
+    save_sharded,
+    sharded_state,
+    verify_sharded_files,
+)
 from hf_lifecycle.errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
     CheckpointSaveError,
     ConfigurationError,
+    DistributedError,
     HubError,
     PushError,
     RepoIdRequiredError,
@@ -100,6 +118,20 @@ def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return checked
 
 
+@dataclasses.dataclass
+class _SaveRequest:
+    """A save's checked arguments and encoded state, before anything is written."""
+
+    state: Any
+    sharded: dict[str, Any] | None
+    name: str | None
+    step: int | None
+    epoch: int | None
+    metrics: dict[str, float]
+    push: bool
+    history_length: int
+
+
 class HFManager:
     """Checkpoints, retention, tracking and Hub sync for one training run.
 
@@ -111,6 +143,23 @@ class HFManager:
     Concurrency: one manager may be used from several threads; commits and
     deletions in a checkpoint folder are serialized. Several processes may read
     one checkpoint folder, but only one manager should save into it at a time.
+
+    Distributed runs: with an initialized ``torch.distributed`` process group,
+    every rank creates the manager with the same arguments and makes the same
+    calls, except :meth:`log_metrics`, :meth:`track_hyperparameters`,
+    :meth:`list_checkpoints` and :meth:`get_summary`, which stay local. Rank 0
+    names each checkpoint and writes the replicated state (model, optimizer and
+    scheduler of a DDP run), the manifest and the metadata. It also commits,
+    applies retention with its own metrics and pushes. Every rank's RNG state is
+    saved and restored to that rank. The shards of an FSDP model and its optimizer are
+    written by every rank with ``torch.distributed.checkpoint`` into the same
+    checkpoint folder and load with any number of ranks. ``checkpoint_dir``
+    must be one folder that every rank sees (a shared file system across
+    nodes). A failure on any rank makes every rank raise
+    :class:`~hf_lifecycle.DistributedError`. Saves are always blocking there,
+    and only rank 0 logs below ERROR. ``distributed=False`` turns all of this off
+    for code that calls the manager from rank 0 alone (the Trainer callback does),
+    and ``distributed=True`` requires a process group.
     """
 
     def __init__(
@@ -130,6 +179,7 @@ class HFManager:
         push_retries: int = 4,
         push_retry_wait: float = 2.0,
         async_save: bool = False,
+        distributed: bool | None = None,
     ) -> None:
         self.repo_id = _check_repo_id(repo_id)
         if hf_token is not None and (not isinstance(hf_token, str) or not hf_token.strip()):
@@ -146,7 +196,11 @@ class HFManager:
         if self.local_dir.exists() and not self.local_dir.is_dir():
             raise ConfigurationError(f"local_dir {self.local_dir} exists and is not a folder.")
         self.local_dir.mkdir(parents=True, exist_ok=True)
-        self.store = CheckpointStore(checkpoint_dir)
+        self._ranks = RankGroup(enabled=distributed)
+        if self._ranks.enabled:
+            quiet_other_ranks(self._ranks.rank)
+        # With several ranks, only rank 0 removes leftovers, before any rank starts a save.
+        self.store = CheckpointStore(checkpoint_dir, clean_leftovers=not self._ranks.enabled)
         self.checkpoint_dir = self.store.root
         self._model = model
         self._optimizer = optimizer
@@ -156,6 +210,7 @@ class HFManager:
         self._tensorboard = TensorBoardLogger(self.local_dir / RUNS_DIRNAME)
         self.prune_hub_checkpoints = bool(prune_hub_checkpoints)
         self.async_save = bool(async_save)
+        self._warned_sync = False
         self._writer = BackgroundWriter()
         if isinstance(push_retries, bool) or not isinstance(push_retries, int) or push_retries < 0:
             raise ConfigurationError(f"push_retries must be an int >= 0, got {push_retries!r}.")
@@ -169,6 +224,11 @@ class HFManager:
                 private=self.private,
                 retries=push_retries,
                 retry_wait=self._push_retry_wait,
+            )
+        if self._ranks.enabled:
+            self._ranks.synchronize("Creating the HFManager")
+            self._ranks.run_on_main(
+                "Removing leftover temporary folders", self.store.remove_leftovers
             )
 
     # Wiring ----------------------------------------------------------------------------------
@@ -237,7 +297,8 @@ class HFManager:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Record ``metrics`` at ``step`` and write them to TensorBoard under ``local_dir/runs``."""
         used_step = self.tracker.log_metrics(metrics, step=step)
-        self._tensorboard.add_scalars(metrics, used_step)
+        if self._ranks.is_main:
+            self._tensorboard.add_scalars(metrics, used_step)
 
     # Saving ----------------------------------------------------------------------------------
 
@@ -285,30 +346,23 @@ class HFManager:
         a background save are raised by the next save, :meth:`wait_for_checkpoints`
         and :meth:`close`.
         """
-        model = self._model if model is None else model
-        optimizer = self._optimizer if optimizer is None else optimizer
-        scheduler = self._scheduler if scheduler is None else scheduler
-        step = _check_counter(step, "step")
-        epoch = _check_counter(epoch, "epoch")
-        checked_metrics = _check_metrics(metrics)
-        push = self.auto_push if push is None else bool(push)
-        if push:
-            # A missing token raises here, before anything is written.
-            self._hub_sync("save_checkpoint(push=True)").token(required=True)
-        name = validate_name(name, self.checkpoint_dir) if name is not None else None
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise ConfigurationError(
-                f"model must be a torch.nn.Module, got {type(model).__name__}."
-            )
-        state = build_state(
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            rng_state=capture_rng_state(),
-            custom_state=custom_state,
-            config=config,
-            allow_pickle=allow_pickle,
+        request = self._ranks.run_everywhere(
+            "Preparing a checkpoint",
+            lambda: self._prepare_save(
+                model, optimizer, scheduler, epoch, step, metrics, custom_state, config, name,
+                push, allow_pickle,
+            ),
         )
+        if self._ranks.enabled:
+            wants_background = blocking is False or (blocking is None and self.async_save)
+            if wants_background and not self._warned_sync:
+                logger.warning(
+                    "Saving synchronously: background saves are not used with several ranks"
+                )
+                self._warned_sync = True
+            return self._save_on_ranks(request)
+        state, step, epoch = request.state, request.step, request.epoch
+        checked_metrics, name, push = request.metrics, request.name, request.push
         blocking = not self.async_save if blocking is None else bool(blocking)
         if self._writer.busy:
             if skip_if_busy:
@@ -316,7 +370,7 @@ class HFManager:
                 return None
         self._writer.wait()  # Raises the previous background save's error, if any.
         name = name or self._default_name(step, epoch)
-        history_length = self.tracker.history_length()
+        history_length = request.history_length
         if blocking:
             info = self._write_and_commit(
                 name, state, step=step, epoch=epoch, metrics=checked_metrics,
@@ -336,6 +390,92 @@ class HFManager:
         self._writer.submit(name, job)
         return str(self.checkpoint_dir / name)
 
+    def _prepare_save(
+        self, model, optimizer, scheduler, epoch, step, metrics, custom_state, config, name, push,
+        allow_pickle,
+    ) -> _SaveRequest:
+        """Check a save's arguments and encode its state; raises before any file is written."""
+        model = self._model if model is None else model
+        optimizer = self._optimizer if optimizer is None else optimizer
+        scheduler = self._scheduler if scheduler is None else scheduler
+        step = _check_counter(step, "step")
+        epoch = _check_counter(epoch, "epoch")
+        checked_metrics = _check_metrics(metrics)
+        push = self.auto_push if push is None else bool(push)
+        if push:
+            # A missing token raises here, before anything is written.
+            self._hub_sync("save_checkpoint(push=True)").token(required=True)
+        name = validate_name(name, self.checkpoint_dir) if name is not None else None
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise ConfigurationError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}."
+            )
+
+        # Sharded model and optimizer state goes to DCP; the RNG states of all ranks are
+        # gathered later, so with several ranks neither is part of the encoded state.
+        sharded = sharded_state(model, optimizer) if is_sharded(model) else None
+        state = build_state(
+            model=model if sharded is None else None,
+            optimizer=optimizer if sharded is None else None,
+            scheduler=scheduler,
+            rng_state=None if self._ranks.enabled else capture_rng_state(),
+            custom_state=custom_state,
+            config=config,
+            allow_pickle=allow_pickle,
+        )
+        return _SaveRequest(
+            state=state, sharded=sharded, name=name, step=step, epoch=epoch,
+            metrics=checked_metrics, push=push, history_length=self.tracker.history_length(),
+        )
+
+    def _save_on_ranks(self, request: _SaveRequest) -> str:
+        """Save one checkpoint with every rank and return its path on every rank.
+
+        Rank 0 creates the temporary folder (its name carries rank 0's pid, so the
+        next start removes it if rank 0 dies), every rank writes its DCP shards
+        there, rank 0 writes the rest and commits. Any failure aborts the folder.
+        """
+        ranks = self._ranks
+        rng_states = ranks.gather("Gathering RNG states", capture_rng_state())
+        rank0: dict[str, Any] = {}
+
+        def begin() -> tuple[str, str]:
+            name = request.name or self._default_name(request.step, request.epoch)
+            rank0["pending"] = self.store.begin(name)
+            return rank0["pending"].name, str(rank0["pending"].temp_dir)
+
+        def write() -> None:
+            if request.sharded is not None:
+                save_sharded(request.sharded, Path(temp_dir) / SHARDED_FOLDER)
+            if ranks.is_main:
+                request.state.components["rng_state"] = encode_state(rng_states, root="rng_state")
+                rank0["components"] = write_state(rank0["pending"], request.state)
+                if request.sharded is not None:
+                    rank0["components"]["sharded"] = record_sharded_files(
+                        rank0["pending"], sorted(request.sharded), ranks.world_size
+                    )
+
+        def commit() -> CheckpointInfo:
+            manifest = self._manifest(
+                rank0["components"], step=request.step, epoch=request.epoch,
+                metrics=request.metrics, history_length=request.history_length,
+            )
+            info = self.store.commit(rank0["pending"], manifest)
+            self._after_commit(info, push=request.push)
+            return info
+
+        name, temp_dir = ranks.run_on_main("Starting a checkpoint", begin)
+        try:
+            ranks.run_everywhere(f"Writing checkpoint {name}", write)
+            info = ranks.run_on_main(f"Committing checkpoint {name}", commit)
+        except BaseException as err:
+            if ranks.is_main:
+                self.store.abort(rank0["pending"])
+            if isinstance(err, DistributedError):
+                ranks.wait_after_failure()
+            raise
+        return info.path
+
     def wait_for_checkpoints(self, timeout: float | None = None) -> None:
         """Block until the background save (if any) is committed; raise its error."""
         if not self._writer.wait(timeout):
@@ -350,18 +490,9 @@ class HFManager:
         pending = self.store.begin(name)
         try:
             components = write_state(pending, state)
-            now = time.time()
-            manifest = {
-                "epoch": epoch,
-                "step": step,
-                "metrics": metrics,
-                "timestamp": now,
-                "created_at": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(),
-                "library_version": __version__,
-                "torch_version": torch.__version__,
-                "components": components,
-                "tracking": {"history_length": history_length},
-            }
+            manifest = self._manifest(
+                components, step=step, epoch=epoch, metrics=metrics, history_length=history_length
+            )
             return self.store.commit(pending, manifest)
         except OSError as err:
             self.store.abort(pending)
@@ -374,6 +505,21 @@ class HFManager:
         except BaseException:
             self.store.abort(pending)
             raise
+
+    @staticmethod
+    def _manifest(components, *, step, epoch, metrics, history_length) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "epoch": epoch,
+            "step": step,
+            "metrics": metrics,
+            "timestamp": now,
+            "created_at": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(),
+            "library_version": __version__,
+            "torch_version": torch.__version__,
+            "components": components,
+            "tracking": {"history_length": history_length},
+        }
 
     def _after_commit(self, info: CheckpointInfo, *, push: bool) -> None:
         try:
@@ -390,6 +536,7 @@ class HFManager:
         # A checkpoint whose push has not succeeded yet must stay on disk.
         return self._hub.protected() if self._hub is not None else set()
 
+    @on_main_rank("Applying the retention policy")
     def cleanup_checkpoints(self, dry_run: bool = False) -> list[str]:
         """Apply the retention policy. Returns the names deleted (or, with dry_run, to delete)."""
         plan = plan_retention(
@@ -419,13 +566,20 @@ class HFManager:
 
         Every file is verified against its checksum before any object is changed.
         """
+        info = self._ranks.run_on_main(
+            f"Finding checkpoint {name!r}",
+            lambda: self._find_checkpoint(name),
+            keep=(CheckpointNotFoundError, CheckpointCorruptedError),
+        )
+        return self._load(info, model, optimizer, scheduler, map_location, allow_pickle)
+
+    def _find_checkpoint(self, name: str) -> CheckpointInfo:
         try:
-            info = self.store.get(name)
+            return self.store.get(name)
         except CheckpointNotFoundError:
             if self._hub is None:
                 raise
-            info = self._fetch_from_hub(name)
-        return self._load(info, model, optimizer, scheduler, map_location, allow_pickle)
+            return self._fetch_from_hub(name)
 
     def load_latest_checkpoint(
         self,
@@ -441,10 +595,7 @@ class HFManager:
         With an empty checkpoint folder and a ``repo_id``, the latest complete
         checkpoint on the Hub (only that one) is downloaded, verified and loaded.
         """
-        local = self.store.list()
-        if not local and self._hub is not None:
-            info = self._fetch_from_hub(None)
-            local = [info] if info is not None else []
+        local = self._ranks.run_on_main("Finding the latest checkpoint", self._load_candidates)
         for info in reversed(local):
             try:
                 return self._load(info, model, optimizer, scheduler, map_location, allow_pickle)
@@ -452,30 +603,29 @@ class HFManager:
                 logger.warning("Skipping corrupted checkpoint %s: %s", info.name, err)
         return None
 
+    def _load_candidates(self) -> list[CheckpointInfo]:
+        local = self.store.list()
+        if not local and self._hub is not None:
+            info = self._fetch_from_hub(None)
+            local = [info] if info is not None else []
+        return local
+
     def _load(self, info, model, optimizer, scheduler, map_location, allow_pickle) -> dict[str, Any]:
         model = self._model if model is None else model
         optimizer = self._optimizer if optimizer is None else optimizer
         scheduler = self._scheduler if scheduler is None else scheduler
         folder = Path(info.path)
-        manifest = self.store.read_manifest(info.name)
-        loaded = read_state(folder, manifest, map_location=map_location, allow_pickle=allow_pickle)
-        if model is not None:
-            if loaded.model_state is None:
-                logger.warning("Checkpoint %s contains no model weights; the model is unchanged", info.name)
-            else:
-                unwrap_model(model).load_state_dict(loaded.model_state)
-        if optimizer is not None:
-            if loaded.optimizer is None:
-                logger.warning("Checkpoint %s contains no optimizer state; the optimizer is unchanged", info.name)
-            else:
-                optimizer.load_state_dict(loaded.optimizer)
-        if scheduler is not None:
-            if loaded.scheduler is None:
-                logger.warning("Checkpoint %s contains no scheduler state; the scheduler is unchanged", info.name)
-            else:
-                scheduler.load_state_dict(loaded.scheduler)
-        if loaded.rng_state is not None:
-            restore_rng_state(loaded.rng_state)
+        # Every rank reads and verifies before any rank changes an object, and a corrupted
+        # checkpoint raises CheckpointCorruptedError on every rank alike.
+        manifest, loaded = self._ranks.run_everywhere(
+            f"Reading checkpoint {info.name}",
+            lambda: self._read_checkpoint(folder, model, optimizer, map_location, allow_pickle),
+            keep=(CheckpointCorruptedError,),
+        )
+        self._ranks.run_everywhere(
+            f"Loading checkpoint {info.name}",
+            lambda: self._apply_checkpoint(folder, manifest, loaded, model, optimizer, scheduler),
+        )
         history_length = (manifest.get("tracking") or {}).get("history_length")
         if isinstance(history_length, int) and history_length < self.tracker.history_length():
             self.tracker.truncate(history_length)
@@ -483,6 +633,41 @@ class HFManager:
         result = info.to_dict()
         result.update(custom_state=loaded.custom_state, config=loaded.config)
         return result
+
+    def _read_checkpoint(self, folder, model, optimizer, map_location, allow_pickle):
+        manifest = self.store.read_manifest(folder.name)
+        check_loadable(manifest, model, optimizer)
+        loaded = read_state(folder, manifest, map_location=map_location, allow_pickle=allow_pickle)
+        if "sharded" in (manifest.get("components") or {}):
+            verify_sharded_files(folder, manifest, self._ranks.rank, self._ranks.world_size)
+        return manifest, loaded
+
+    def _apply_checkpoint(self, folder, manifest, loaded, model, optimizer, scheduler) -> None:
+        sharded = (manifest.get("components") or {}).get("sharded")
+        if sharded is not None:
+            # A collective with several ranks. Every rank reaches it, because the read
+            # succeeded everywhere.
+            load_sharded(folder, sharded, model, optimizer)
+        if model is not None and sharded is None:
+            if loaded.model_state is None:
+                logger.warning("Checkpoint %s contains no model weights; the model is unchanged", folder.name)
+            elif is_sharded(model):
+                load_full_model_state(model, loaded.model_state)
+            else:
+                unwrap_model(model).load_state_dict(loaded.model_state)
+        if optimizer is not None and sharded is None:
+            if loaded.optimizer is None:
+                logger.warning("Checkpoint %s contains no optimizer state; the optimizer is unchanged", folder.name)
+            else:
+                optimizer.load_state_dict(loaded.optimizer)
+        if scheduler is not None:
+            if loaded.scheduler is None:
+                logger.warning("Checkpoint %s contains no scheduler state; the scheduler is unchanged", folder.name)
+            else:
+                scheduler.load_state_dict(loaded.scheduler)
+        rng_state = rank_rng_state(loaded.rng_state, self._ranks.rank, self._ranks.world_size)
+        if rng_state is not None:
+            restore_rng_state(rng_state)
 
     # Final model -----------------------------------------------------------------------------
 
@@ -508,7 +693,20 @@ class HFManager:
             raise ConfigurationError(
                 "save_final_model needs a model: pass model= or call set_model() first."
             )
-        folder = save_model_folder(model, self.local_dir / name, format=format, config=config)
+        state = None
+        if is_sharded(model):
+            # Every rank sends its shards; rank 0 receives the whole state dict on the CPU.
+            state = self._ranks.run_everywhere(
+                "Gathering the full model state", lambda: full_model_state(model)
+            )
+        self._final_model = self._write_final_model(model, name, format, config, state)
+        return self._final_model["path"]
+
+    @on_main_rank("Saving the final model")
+    def _write_final_model(self, model, name, format, config, state) -> dict[str, Any]:
+        folder = save_model_folder(
+            model, self.local_dir / name, format=format, config=config, state_dict=state
+        )
         self._final_model = {
             "name": name,
             "path": str(folder),
@@ -517,7 +715,7 @@ class HFManager:
         }
         self.save_metadata()
         logger.info("Saved the final model to %s", folder)
-        return str(folder)
+        return self._final_model
 
     # Metadata and summary --------------------------------------------------------------------
 
@@ -538,6 +736,7 @@ class HFManager:
             environment=collect_environment(os.getcwd()),
         )
 
+    @on_main_rank("Writing the metadata")
     def save_metadata(self, filename: str = METADATA_FILENAME) -> str:
         """Write hyperparameters, metrics, checkpoints and environment to ``local_dir/filename``."""
         validate_name(filename, self.local_dir)
@@ -585,11 +784,13 @@ class HFManager:
 
         hub.queue.submit(info.name, job)
 
+    @on_main_rank("Waiting for pushes")
     def wait_for_pushes(self, timeout: float | None = None) -> None:
         """Block until background pushes finish; raise PushError naming any that failed."""
         if self._hub is not None:
             self._hub.wait(timeout)
 
+    @on_main_rank("push()")
     def push(
         self,
         push_checkpoints: bool = True,
@@ -675,6 +876,7 @@ class HFManager:
             files += self._tensorboard.read_files()
         return file_operations(files)
 
+    @on_main_rank("pull_checkpoint()")
     def pull_checkpoint(self, name: str | None = None) -> dict[str, Any] | None:
         """Download checkpoint ``name`` (the Hub's latest when None) unless it is already local.
 
@@ -721,6 +923,7 @@ class HFManager:
         logger.info("Downloaded checkpoint %s from %s at %s", name, hub.repo_id, revision[:12])
         return info
 
+    @on_main_rank("register_custom_model()")
     def register_custom_model(
         self,
         model: torch.nn.Module | None = None,
@@ -805,6 +1008,7 @@ class HFManager:
             if self._hub is not None:
                 self._flush_hub()
 
+    @on_main_rank("Waiting for pushes")
     def _flush_hub(self) -> None:
         if self._hub is not None:
             self._hub.wait()
