@@ -29,6 +29,7 @@ from hf_lifecycle import (
     ConfigurationError,
     HFManager,
     HubAuthenticationError,
+    KeepAll,
     KeepLastN,
     PushError,
     RepoIdRequiredError,
@@ -409,6 +410,30 @@ def test_corrupted_hub_file_rejected(hub, repo_id, tmp_path):
     second.close()
 
 
+def test_corrupted_hub_latest_falls_back(hub, repo_id, tmp_path):
+    first = make_manager(
+        tmp_path / "first", repo_id, model=small_model(), auto_push=True,
+        retention_policy=KeepAll(),
+    )
+    first.save_checkpoint(step=1)
+    path = Path(first.save_checkpoint(step=2))
+    first.close()
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    owner_api().upload_file(
+        path_or_fileobj=bytes(data),
+        path_in_repo="checkpoints/checkpoint-step-2/model.safetensors",
+        repo_id=repo_id,
+    )
+
+    second = make_manager(tmp_path / "second", repo_id)
+    loaded = second.load_latest_checkpoint(torch.nn.Linear(4, 2))
+
+    assert loaded["name"] == "checkpoint-step-1"
+    assert folder_names(second.checkpoint_dir) == ["checkpoint-step-1"]
+    second.close()
+
+
 # Privacy and the token ----------------------------------------------------------------
 
 
@@ -425,6 +450,18 @@ def test_private_repo_hidden(hub, repo_id, tmp_path, intruder_token):
         hf_hub_download(repo_id, LATEST, token=intruder_token, cache_dir=tmp_path / "intruder")
     with pytest.raises(RepositoryNotFoundError):
         HfApi(endpoint=constants.ENDPOINT, token=False).repo_info(repo_id)
+
+
+def test_env_token_redacted_in_values(hub, repo_id, tmp_path, monkeypatch):
+    # A token found through HF_TOKEN (not passed as hf_token=) is scrubbed from stored values.
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    manager = make_manager(tmp_path, repo_id, model=small_model(), auto_push=True)
+    manager.track_hyperparameters({"remote": f"https://user:{TOKEN}@example.invalid"})
+    manager.save_checkpoint(step=1)
+    manager.close()
+
+    assert manager.tracker.hyperparameters["remote"] == REDACTED
+    assert TOKEN not in (manager.local_dir / "experiment_metadata.json").read_text()
 
 
 def test_token_never_written(hub, repo_id, tmp_path, caplog, capfd):
@@ -579,6 +616,26 @@ def test_prune_hub_checkpoints(hub, repo_id, tmp_path):
     assert hub_checkpoints(repo_id) == {names[-1]}
     assert hub_pointer(repo_id)["name"] == names[-1]
     manager.close()
+
+
+def test_prune_keeps_foreign_checkpoints(hub, repo_id, tmp_path):
+    # A run resumed on a new machine holds one checkpoint locally; pruning must not delete
+    # the Hub checkpoints it never had. Step 3, which it downloaded and then retired, goes.
+    first = make_manager(tmp_path / "a", repo_id, model=small_model(), retention_policy=KeepAll())
+    names = [Path(first.save_checkpoint(step=step)).name for step in (1, 2, 3)]
+    first.push()
+    first.close()
+    second = make_manager(
+        tmp_path / "b", repo_id, model=small_model(), retention_policy=KeepLastN(1),
+        prune_hub_checkpoints=True,
+    )
+    second.load_latest_checkpoint()
+    second.save_checkpoint(step=4)
+
+    second.push()
+
+    assert hub_checkpoints(repo_id) == set(names[:2]) | {"checkpoint-step-4"}
+    second.close()
 
 
 def test_retention_after_late_push(hub, repo_id, tmp_path):

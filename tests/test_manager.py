@@ -374,3 +374,20 @@ def test_metadata_reopened_history(tmp_path):
 
     assert [record["value"] for record in metadata["metrics_history"]["loss"]] == [0.9, 0.4, 0.6]
     assert metadata["final_model"]["format"] == "safetensors"
+
+
+def test_new_manager_removes_stale_temporaries(tmp_path):
+    # A temporary of the metadata file left by a writer that was killed: pid 2**22 + 1 is above
+    # Linux's default pid_max, so no live process has it.
+    manager = new_manager(tmp_path)
+    from hf_lifecycle._io import HOST
+
+    stale = manager.local_dir / f".tmp-experiment_metadata.json.{HOST}.{2**22 + 1}.abcd1234"
+    stale.write_text("{}")
+    live = manager.local_dir / f".tmp-experiment_metadata.json.{HOST}.{os.getpid()}.abcd1234"
+    live.write_text("{}")
+
+    new_manager(tmp_path)
+
+    assert not stale.exists()
+    assert live.exists()

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from hf_lifecycle._io import fsync_dir
+from hf_lifecycle._io import fsync_dir, temp_path
 from hf_lifecycle.checkpoint.serialize import (
     ALIASES_METADATA_KEY,
     config_to_json,
@@ -51,7 +50,7 @@ def save_model_folder(
     config_text = config_to_json(config) if config is not None else None
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    temp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    temp = temp_path(folder)
     temp.mkdir()
     try:
         state = dict(state_dict) if state_dict is not None else unwrap_model(model).state_dict()

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 
+from hf_lifecycle._io import remove_stale_temps
 from hf_lifecycle._version import __version__
 from hf_lifecycle.checkpoint.format import capture_rng_state, encode_state, restore_rng_state
 from hf_lifecycle.checkpoint.info import CheckpointInfo
@@ -224,14 +225,21 @@ class HFManager:
                 private=self.private,
                 retries=push_retries,
                 retry_wait=self._push_retry_wait,
+                on_token=self.tracker.add_secret,
             )
         if self._ranks.enabled:
             self._ranks.synchronize("Creating the HFManager")
             self._ranks.run_on_main(
-                "Removing leftover temporary folders", self.store.remove_leftovers
+                "Removing leftover temporary folders", self._remove_leftovers
             )
+        else:
+            remove_stale_temps(self.local_dir)
 
     # Wiring ----------------------------------------------------------------------------------
+
+    def _remove_leftovers(self) -> None:
+        self.store.remove_leftovers()
+        remove_stale_temps(self.local_dir)
 
     def _open_tracker(self) -> ExperimentTracker:
         secrets = [self._token] if self._token else []
@@ -606,9 +614,23 @@ class HFManager:
     def _load_candidates(self) -> list[CheckpointInfo]:
         local = self.store.list()
         if not local and self._hub is not None:
-            info = self._fetch_from_hub(None)
+            info = self._fetch_latest_intact_from_hub()
             local = [info] if info is not None else []
         return local
+
+    def _fetch_latest_intact_from_hub(self) -> CheckpointInfo | None:
+        """Download the Hub's latest checkpoint, or the newest older one if it is corrupted."""
+        try:
+            return self._fetch_from_hub(None)
+        except CheckpointCorruptedError as err:
+            logger.warning("The latest checkpoint on the Hub is corrupted, trying older ones: %s", err)
+        hub = self._hub_sync("Loading from the Hub")
+        for name in hub.checkpoints_newest_first(hub.head())[1:]:
+            try:
+                return self._fetch_from_hub(name)
+            except CheckpointCorruptedError as err:
+                logger.warning("Skipping corrupted checkpoint %s on the Hub: %s", name, err)
+        return None
 
     def _load(self, info, model, optimizer, scheduler, map_location, allow_pickle) -> dict[str, Any]:
         model = self._model if model is None else model
@@ -816,10 +838,13 @@ class HFManager:
             operations += checkpoint_operations(info.name, Path(info.path))
         if checkpoints:
             operations.append(pointer_operation(checkpoints[-1]))
+        pruned: list[str] = []
         if push_checkpoints and self.prune_hub_checkpoints:
+            # Only checkpoints this folder's retention deleted: a run resumed on a new machine
+            # has just one checkpoint locally, and the Hub's others must survive its push.
             local_names = {info.name for info in checkpoints}
-            for name in sorted(hub.remote_checkpoints() - local_names):
-                operations.append(delete_folder_operation(name))
+            pruned = sorted((hub.remote_checkpoints() & self.store.retired()) - local_names)
+            operations += [delete_folder_operation(name) for name in pruned]
         if push_metadata or push_final_model:
             operations += self._card_operations(hub.repo_id, include_metadata=push_metadata)
         if push_final_model:
@@ -847,6 +872,9 @@ class HFManager:
                 checkpoints=[info.name for info in checkpoints],
             ) from err
         hub.unpushed.difference_update(info.name for info in checkpoints)
+        if pruned:
+            self.store.forget_retired(pruned)
+            logger.info("Removed %d checkpoints from %s: %s", len(pruned), hub.repo_id, ", ".join(pruned))
         # Retention kept these checkpoints while their push was failing; apply it now.
         self.cleanup_checkpoints()
         logger.info(

@@ -155,6 +155,8 @@ class CheckpointStore:
         # Identity of each folder that listing skipped for lack of a valid manifest, so that a
         # folder is read and logged again only after it changes.
         self._skipped: dict[str, list[int]] = {}
+        # Names this store deleted, kept in the index so a Hub push can prune exactly those.
+        self._retired: set[str] = set()
         self._loaded_index = False
         if self.root.exists() and not self.root.is_dir():
             raise CheckpointSaveError(
@@ -242,6 +244,7 @@ class CheckpointStore:
                 )
             info = self._record(final, manifest)
             self._entries[pending.name] = self._index_entry(manifest)
+            self._retired.discard(pending.name)
             self._identities[pending.name] = self._identity(final)
             self._write_index()
             logger.info("Committed checkpoint %s (sequence %d)", pending.name, sequence)
@@ -302,6 +305,7 @@ class CheckpointStore:
                 os.rename(source, final)
             fsync_dir(self.root)
             self._entries[name] = self._index_entry(manifest)
+            self._retired.discard(name)
             self._identities[name] = self._identity(final)
             self._write_index()
             logger.info("Imported checkpoint %s (sequence %d)", name, manifest["sequence"])
@@ -325,11 +329,24 @@ class CheckpointStore:
                 shutil.rmtree(trash, ignore_errors=True)
                 self._entries.pop(name, None)
                 self._identities.pop(name, None)
+                self._retired.add(name)
                 deleted.append(name)
                 logger.info("Deleted checkpoint %s", name)
             if deleted:
                 self._write_index()
         return deleted
+
+    def retired(self) -> set[str]:
+        """Names of checkpoints this folder deleted (through retention) and has not saved again."""
+        with self._lock:
+            if not self._loaded_index:
+                self._load_index()
+            return set(self._retired) - set(self._entries)
+
+    def forget_retired(self, names: Iterable[str]) -> None:
+        with self._lock:
+            self._retired.difference_update(names)
+            self._write_index()
 
     # Reading --------------------------------------------------------------------------------
 
@@ -427,6 +444,7 @@ class CheckpointStore:
                 name = entry["name"]
                 self._identities[name] = list(entry.pop("identity"))
                 self._entries[name] = entry
+            self._retired = {name for name in data.get("retired", []) if isinstance(name, str)}
         except FileNotFoundError:
             pass
         except (ValueError, KeyError, TypeError) as err:
@@ -440,7 +458,7 @@ class CheckpointStore:
             for name, entry in self._entries.items()
         ]
         entries.sort(key=lambda entry: entry["sequence"])
-        index = {"format_version": 1, "entries": entries}
+        index = {"format_version": 1, "entries": entries, "retired": sorted(self._retired)}
         try:
             # Compact JSON uses json's C encoder: with a thousand checkpoints, indenting made this
             # write, which every commit and deletion does, several times slower.

@@ -208,11 +208,14 @@ class HubSync:
         private: bool,
         retries: int = 4,
         retry_wait: float = 2.0,
+        on_token: Callable[[str], None] | None = None,
     ) -> None:
         self.repo_id = repo_id
         self.private = private
         self._explicit_token = token
         self._token: str | None = None
+        # Told about the token once it is found, so the tracker can redact it everywhere.
+        self._on_token = on_token
         self._api: Any = None
         self._repo_ready = False
         self._lock = threading.RLock()
@@ -230,6 +233,8 @@ class HubSync:
         if self._token is None:
             # Looked up again while missing, so a token set or saved later is used.
             self._token = resolve_token(self._explicit_token)
+            if self._token and self._on_token is not None:
+                self._on_token(self._token)
         if required and not self._token:
             raise HubAuthenticationError(
                 f"No Hugging Face token found for pushing to {self.repo_id}. Pass "
@@ -319,6 +324,17 @@ class HubSync:
             }
         except (EntryNotFoundError, RepositoryNotFoundError):
             return set()
+
+    def checkpoints_newest_first(self, revision: str | None) -> list[str]:
+        """Names of the Hub's checkpoints, newest first by the commit order in their manifests."""
+        if revision is None:
+            return []
+        order = []
+        for name in self.remote_checkpoints():
+            manifest = self.read_json(f"{CHECKPOINTS_PREFIX}/{name}/manifest.json", revision)
+            if isinstance(manifest, dict):
+                order.append((manifest.get("sequence") or 0, manifest.get("timestamp") or 0, name))
+        return [name for *_, name in sorted(order, reverse=True)]
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for background pushes; raise PushError for any that failed."""
