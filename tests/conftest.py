@@ -40,6 +40,7 @@ def _point_client_at(endpoint: str) -> None:
     import sys
 
     import huggingface_hub
+    import huggingface_hub.hf_api  # Not imported by `import huggingface_hub` alone.
     from huggingface_hub import constants
 
     os.environ["HF_ENDPOINT"] = endpoint

@@ -94,7 +94,9 @@ class HFLifecycleCallback(TrainerCallback):
       its config into ``local_dir/final_model_name`` and, when the manager has a
       ``repo_id``, pushed with the checkpoints, metadata and model card.
 
-    Only the process with ``state.is_world_process_zero`` talks to the manager.
+    Only the process with ``state.is_world_process_zero`` talks to the manager, so in a
+    multi-process Trainer run create the manager with ``HFManager(..., distributed=False)``:
+    a rank-aware manager would wait at its first save for ranks that never call it.
 
     NOTE: under FSDP or DeepSpeed, rank 0 alone cannot gather the full state dict. A resumed
     multi-process run gets no RNG state back, because the Trainer then looks for one
