@@ -540,7 +540,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
             path=str(folder),
             file=str(path),
         ) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointCorruptedError(
             f"Checkpoint file {path} is corrupted: not valid JSON ({err}).",
             path=str(folder),
@@ -558,9 +558,20 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
             path=str(folder),
             file=str(path),
         )
+    invalid = _invalid_listing_field(manifest)
+    if invalid is not None:
+        raise CheckpointCorruptedError(
+            f"Checkpoint file {path} is corrupted: the {invalid!r} field has the wrong type.",
+            path=str(folder),
+            file=str(path),
+        )
     recorded = manifest.get(MANIFEST_CHECKSUM_KEY)
     body = {key: value for key, value in manifest.items() if key != MANIFEST_CHECKSUM_KEY}
-    if recorded != _manifest_digest(body):
+    try:
+        digest = _manifest_digest(body)
+    except (ValueError, RecursionError):
+        digest = None  # NaN literals or nesting deeper than the encoder allows: never written here.
+    if recorded is None or recorded != digest:
         raise CheckpointCorruptedError(
             f"Checkpoint file {path} is corrupted: its content does not match its checksum.",
             path=str(folder),
@@ -575,6 +586,33 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
             file=str(path),
         )
     return manifest
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _invalid_listing_field(manifest: Mapping[str, Any]) -> str | None:
+    """Return the name of the first field that listing and retention read with a wrong type."""
+    if isinstance(manifest["sequence"], bool):
+        return "sequence"
+    for key in ("step", "epoch"):
+        value = manifest.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            return key
+    timestamp = manifest.get("timestamp")
+    if timestamp is not None and not _is_number(timestamp):
+        return "timestamp"
+    metrics = manifest.get("metrics")
+    if metrics is None:
+        return None
+    if not isinstance(metrics, dict):
+        return "metrics"
+    for value in metrics.values():
+        # json_safe stores NaN and the infinities as strings, which metric_value reads back.
+        if not _is_number(metric_value(value)):
+            return "metrics"
+    return None
 
 
 def manifest_files(manifest: Mapping[str, Any]) -> dict[str, FileRecord]:

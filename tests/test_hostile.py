@@ -1,0 +1,110 @@
+"""Hostile files and input: a crafted checkpoint, a bad argument or a second writer must end in
+an hf_lifecycle error, and must never lose or hide the checkpoints already saved.
+
+A crafted checkpoint here carries correct checksums (the attacker recomputes them), so only the
+structure checks stand between its content and the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_lifecycle import (
+    CheckpointCorruptedError,
+    ConfigurationError,
+    HFManager,
+    KeepAll,
+    KeepLastN,
+    SerializationError,
+)
+from hf_lifecycle.checkpoint.store import MANIFEST_NAME, CheckpointStore, encode_manifest
+from hf_lifecycle.checkpoint.tensorfile import checksum_file, read_tensors, write_bytes
+
+DEEP = 100_000  # Nesting depth far beyond Python's recursion limit.
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+
+
+def new_manager(tmp_path: Path, **options) -> HFManager:
+    options.setdefault("retention_policy", KeepAll())
+    return HFManager(local_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", **options)
+
+
+def two_checkpoints(tmp_path: Path) -> HFManager:
+    """A manager with an intact "good" checkpoint and a newer "bad" one for a test to craft."""
+    manager = new_manager(tmp_path)
+    model = tiny_model()
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(2, 3)).sum().backward()
+    optimizer.step()
+    for name in ("good", "bad"):
+        manager.save_checkpoint(
+            model, optimizer, name=name, step=1, metrics={"loss": 1.0}, custom_state={"a": [1]}
+        )
+    return manager
+
+
+def craft(folder: Path, *, files: dict[str, bytes] | None = None, edit=None) -> None:
+    """Replace files of a committed checkpoint and edit its manifest, keeping every checksum valid."""
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    for relative, data in (files or {}).items():
+        (folder / relative).unlink(missing_ok=True)
+        (folder / relative).write_bytes(data)
+        manifest["files"][relative] = checksum_file(folder / relative).to_dict()
+    if edit is not None:
+        edit(manifest)
+    (folder / MANIFEST_NAME).unlink()
+    (folder / MANIFEST_NAME).write_bytes(encode_manifest(manifest))
+
+
+def listed(manager: HFManager) -> list[str]:
+    return [entry["name"] for entry in manager.list_checkpoints()]
+
+
+# Manifests whose listing fields have the wrong type ------------------------------------------
+
+BAD_LISTING_FIELDS = {
+    "metrics list": lambda m: m.update(metrics=[1]),
+    "metrics str": lambda m: m.update(metrics="ab"),
+    "metric value list": lambda m: m.update(metrics={"loss": [1]}),
+    "timestamp str": lambda m: m.update(timestamp="abc"),
+    "timestamp list": lambda m: m.update(timestamp=[1]),
+    "step list": lambda m: m.update(step=[1]),
+    "epoch str": lambda m: m.update(epoch="2"),
+    "sequence bool": lambda m: m.update(sequence=True),
+}
+
+
+@pytest.mark.parametrize("edit", BAD_LISTING_FIELDS.values(), ids=BAD_LISTING_FIELDS.keys())
+def test_bad_listing_field_skipped(tmp_path, edit):
+    manager = two_checkpoints(tmp_path)
+    craft(manager.checkpoint_dir / "bad", edit=edit)
+
+    assert listed(new_manager(tmp_path)) == ["good"]
+
+
+@pytest.mark.parametrize("edit", BAD_LISTING_FIELDS.values(), ids=BAD_LISTING_FIELDS.keys())
+def test_bad_listing_field_save_works(tmp_path, edit):
+    manager = two_checkpoints(tmp_path)
+    craft(manager.checkpoint_dir / "bad", edit=edit)
+    fresh = new_manager(tmp_path, retention_policy=KeepLastN(1))
+
+    fresh.save_checkpoint(tiny_model(), name="after")
+
+    assert listed(fresh) == ["after"]
+
+
+def test_deep_manifest_skipped(tmp_path):
+    manager = two_checkpoints(tmp_path)
+    (manager.checkpoint_dir / "bad" / MANIFEST_NAME).write_text("[" * DEEP + "]" * DEEP)
+
+    assert listed(new_manager(tmp_path)) == ["good"]
