@@ -48,7 +48,8 @@ def two_checkpoints(tmp_path: Path) -> HFManager:
     optimizer.step()
     for name in ("good", "bad"):
         manager.save_checkpoint(
-            model, optimizer, name=name, step=1, metrics={"loss": 1.0}, custom_state={"a": [1]}
+            model, optimizer, name=name, step=1, metrics={"loss": 1.0},
+            custom_state={"a": [1]}, config={"hidden": 4},
         )
     return manager
 
@@ -108,3 +109,74 @@ def test_deep_manifest_skipped(tmp_path):
     (manager.checkpoint_dir / "bad" / MANIFEST_NAME).write_text("[" * DEEP + "]" * DEEP)
 
     assert listed(new_manager(tmp_path)) == ["good"]
+
+
+# State files with a valid checksum but a hostile structure ------------------------------------
+
+
+def deep() -> bytes:
+    return b"[" * DEEP + b"]" * DEEP
+
+
+def deep_object() -> bytes:
+    return b'{"a":' * DEEP + b"1" + b"}" * DEEP
+
+
+HOSTILE_FILES = {
+    "deep json": {"custom_state.json": deep()},
+    "not json": {"custom_state.json": b"{"},
+    "not utf-8": {"custom_state.json": b"\xff\xfe"},
+    "dtype not a dtype": {"custom_state.json": b'{"__type__": "dtype", "value": "load"}'},
+    "unknown device": {"custom_state.json": b'{"__type__": "device", "value": "nowhere"}'},
+    "float not a number": {"custom_state.json": b'{"__type__": "float", "value": "zz"}'},
+    "tuple without items": {"custom_state.json": b'{"__type__": "tuple"}'},
+    "dict item not a pair": {"custom_state.json": b'{"__type__": "dict", "items": [[1]]}'},
+    "dict key unhashable": {"custom_state.json": b'{"__type__": "dict", "items": [[[1], 2]]}'},
+    "tensor key a list": {"custom_state.json": b'{"__type__": "tensor", "key": [1]}'},
+    "ndarray unknown dtype": {"custom_state.json": b'{"__type__": "ndarray", "key": "k", "dtype": "zz"}'},
+    "optimizer not a dict": {"optimizer.json": b"[1, 2]"},
+    "optimizer without groups": {"optimizer.json": b'{"state": {}}'},
+    "rng python not a state": {"rng_state.json": b'{"python": 5}'},
+    "rng numpy not a state": {"rng_state.json": b'{"numpy": [1, 2]}'},
+    "config deep": {"config.json": deep_object()},
+}
+
+
+@pytest.mark.parametrize("files", HOSTILE_FILES.values(), ids=HOSTILE_FILES.keys())
+def test_hostile_state_load_raises(tmp_path, files):
+    manager = two_checkpoints(tmp_path)
+    craft(manager.checkpoint_dir / "bad", files=files)
+
+    with pytest.raises(CheckpointCorruptedError):
+        manager.load_checkpoint("bad", tiny_model())
+
+
+@pytest.mark.parametrize("files", HOSTILE_FILES.values(), ids=HOSTILE_FILES.keys())
+def test_hostile_state_latest_falls_back(tmp_path, files):
+    manager = two_checkpoints(tmp_path)
+    craft(manager.checkpoint_dir / "bad", files=files)
+
+    loaded = manager.load_latest_checkpoint(tiny_model())
+
+    assert loaded["name"] == "good"
+
+
+HOSTILE_MANIFESTS = {
+    "size not a number": lambda m: m["files"]["custom_state.json"].update(size="x"),
+    "size missing": lambda m: m["files"]["custom_state.json"].pop("size"),
+    "file entry a list": lambda m: m["files"].update({"custom_state.json": [1]}),
+    "components a list": lambda m: m.update(components=[1]),
+    "components a str": lambda m: m.update(components="model"),
+    "component a list": lambda m: m["components"].update(custom_state=[1]),
+    "aliases a list": lambda m: m["components"]["model"].update(aliases=[1]),
+    "files a str": lambda m: m["components"]["custom_state"].update(files="custom_state.json"),
+}
+
+
+@pytest.mark.parametrize("edit", HOSTILE_MANIFESTS.values(), ids=HOSTILE_MANIFESTS.keys())
+def test_hostile_manifest_load_raises(tmp_path, edit):
+    manager = two_checkpoints(tmp_path)
+    craft(manager.checkpoint_dir / "bad", edit=edit)
+
+    with pytest.raises(CheckpointCorruptedError):
+        manager.load_checkpoint("bad", tiny_model())

@@ -145,9 +145,15 @@ def _decode(value: Any, tensors, pickled, map_location, copy_tensors) -> Any:
             k: _decode(v, tensors, pickled, map_location, copy_tensors) for k, v in value["items"]
         }
     if kind == "dtype":
-        return getattr(torch, value["value"])
+        dtype = getattr(torch, value["value"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{value['value']!r} is not a torch dtype")
+        return dtype
     if kind == "device":
-        return torch.device(value["value"])
+        try:
+            return torch.device(value["value"])
+        except RuntimeError as err:
+            raise ValueError(f"{value['value']!r} is not a torch device") from err
     if kind == "pickle":
         if value["key"] not in pickled:
             raise SerializationError(
@@ -220,6 +226,41 @@ def capture_rng_state() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def check_component(name: str, value: Any) -> None:
+    """Raise ValueError unless a decoded optimizer, scheduler or RNG state has the saved shape.
+
+    Loading applies these states only after the model is loaded, so a malformed one found
+    there would leave the run half restored.
+    """
+    if name == "rng_state":
+        # A list holds one state per rank. Each is tried on new generators, never the global ones.
+        for state in value if isinstance(value, list) else [value]:
+            _check_rng_state(state)
+        return
+    if not isinstance(value, dict):
+        raise ValueError(f"the {name} state is a {type(value).__name__}, not a dict")
+    if name == "optimizer" and not (
+        isinstance(value.get("state"), dict) and isinstance(value.get("param_groups"), list)
+    ):
+        raise ValueError("the optimizer state has no 'state' dict and 'param_groups' list")
+
+
+def _check_rng_state(state: Any) -> None:
+    if not isinstance(state, dict):
+        raise ValueError(f"an RNG state is a {type(state).__name__}, not a dict")
+    if "python" in state:
+        random.Random().setstate(state["python"])
+    if "numpy" in state:
+        np.random.RandomState().set_state(tuple(state["numpy"]))
+    if "torch" in state:
+        try:
+            torch.Generator().set_state(state["torch"].cpu())
+        except RuntimeError as err:
+            raise ValueError(f"the torch RNG state is invalid ({err})") from err
+    if "cuda" in state and not all(isinstance(item, torch.Tensor) for item in state["cuda"]):
+        raise ValueError("the CUDA RNG states are not tensors")
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:

@@ -28,6 +28,7 @@ from hf_lifecycle._io import dumps_json
 from hf_lifecycle.checkpoint.format import (
     EncodedState,
     MapLocation,
+    check_component,
     decode_state,
     dumps_pickled,
     encode_state,
@@ -41,7 +42,12 @@ from hf_lifecycle.checkpoint.tensorfile import (
     write_bytes,
     write_tensors,
 )
-from hf_lifecycle.errors import CheckpointCorruptedError, CheckpointError, SerializationError
+from hf_lifecycle.errors import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    ConfigurationError,
+    SerializationError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -265,9 +271,34 @@ def read_state(
     map_location: MapLocation = None,
     allow_pickle: bool = False,
 ) -> LoadedCheckpoint:
-    """Read and verify every file a manifest lists, then decode the state. Never unpickles by default."""
+    """Read and verify every file a manifest lists, then decode the state. Never unpickles by default.
+
+    Files that match their checksums but not the structure this library writes (crafted, or
+    written by other code) raise :class:`CheckpointCorruptedError`, like damaged ones.
+    """
+    try:
+        return _read_state(folder, manifest, map_location, allow_pickle)
+    except (CheckpointError, ConfigurationError):
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as err:
+        # SerializationError is a TypeError: a missing tensor or alias is corruption here too.
+        raise CheckpointCorruptedError(
+            f"Checkpoint {folder} is corrupted: its content does not have the structure "
+            f"hf-lifecycle writes ({type(err).__name__}: {str(err)[:200]}).",
+            path=str(folder),
+        ) from err
+
+
+def _read_state(
+    folder: Path, manifest: dict[str, Any], map_location: MapLocation, allow_pickle: bool
+) -> LoadedCheckpoint:
     records = manifest_files(manifest)
     components = manifest.get("components") or {}
+    if not isinstance(components, dict) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("files", []), list)
+        for entry in components.values()
+    ):
+        raise ValueError("the manifest's components are not a table of file lists")
     loaded = LoadedCheckpoint(manifest=manifest, model_state=None)
 
     def record(relative: str) -> FileRecord:
@@ -313,6 +344,8 @@ def read_state(
             map_location=map_location if name == "custom_state" else "cpu",
             copy_tensors=name != "optimizer",
         )
+        if name != "custom_state":
+            check_component(name, value)
         setattr(loaded, name, value)
     if "config" in components:
         loaded.config = json.loads(read_verified_bytes(folder / CONFIG_FILE, record(CONFIG_FILE)))
