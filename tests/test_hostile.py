@@ -180,3 +180,29 @@ def test_hostile_manifest_load_raises(tmp_path, edit):
 
     with pytest.raises(CheckpointCorruptedError):
         manager.load_checkpoint("bad", tiny_model())
+
+
+# Safetensors headers ------------------------------------------------------------------------
+
+
+def safetensors_file(path: Path, header: bytes, data: bytes = b"") -> Path:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+HOSTILE_HEADERS = {
+    "deep list": (deep(), b""),
+    "deep object": (deep_object(), b""),
+    "float offsets": (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0.5, 4.5]}}', b"\0" * 8),
+    "huge empty shape": (b'{"t": {"dtype": "F32", "shape": [0, 1180591620717411303424], "data_offsets": [0, 0]}}', b""),
+    "float shape": (b'{"t": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}', b"\0" * 4),
+    "shape a str": (b'{"t": {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}}', b"\0" * 4),
+}
+
+
+@pytest.mark.parametrize("header, data", HOSTILE_HEADERS.values(), ids=HOSTILE_HEADERS.keys())
+def test_hostile_header_raises(tmp_path, header, data):
+    path = safetensors_file(tmp_path / "t.safetensors", header, data)
+
+    with pytest.raises(CheckpointCorruptedError):
+        read_tensors(path)

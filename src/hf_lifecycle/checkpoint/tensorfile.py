@@ -407,7 +407,7 @@ def read_verified_bytes(path: str | os.PathLike[str], expected: FileRecord | Non
 def _parse_header(path: str, raw: bytes, data_size: int) -> tuple[dict, dict[str, str]]:
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise _corrupted(path, f"the safetensors header is not valid JSON ({err})") from err
     if not isinstance(header, dict):
         raise _corrupted(path, "the safetensors header is not a JSON object")
@@ -417,15 +417,23 @@ def _parse_header(path: str, raw: bytes, data_size: int) -> tuple[dict, dict[str
     for key, entry in header.items():
         try:
             dtype = CODE_TO_DTYPE[entry["dtype"]]
-            shape = [int(size) for size in entry["shape"]]
-            begin, end = (int(offset) for offset in entry["data_offsets"])
+            shape = list(entry["shape"])
+            begin, end = entry["data_offsets"]
         except (KeyError, TypeError, ValueError) as err:
             raise _corrupted(path, f"invalid header entry for tensor {key!r}") from err
+        # Whole JSON numbers only: int() would accept 1.5, "1" and true.
+        if not all(type(number) is int for number in [*shape, begin, end]):
+            raise _corrupted(path, f"invalid header entry for tensor {key!r}")
         numel = 1
+        largest_stride = 1
         for size in shape:
             if size < 0:
                 raise _corrupted(path, f"negative dimension in tensor {key!r}")
             numel *= size
+            largest_stride *= max(size, 1)
+        if largest_stride >= 2**63:
+            # A zero dimension makes numel 0, but torch still needs every stride in an int64.
+            raise _corrupted(path, f"tensor {key!r} has dimensions beyond 64-bit sizes")
         itemsize = dtype.itemsize
         if not 0 <= begin <= end <= data_size or end - begin != numel * itemsize:
             raise _corrupted(path, f"tensor {key!r} does not fit the data section")
