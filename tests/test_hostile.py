@@ -206,3 +206,40 @@ def test_hostile_header_raises(tmp_path, header, data):
 
     with pytest.raises(CheckpointCorruptedError):
         read_tensors(path)
+
+
+# Two writers in one checkpoint folder --------------------------------------------------------
+
+
+def commit_one(store: CheckpointStore, name: str) -> None:
+    pending = store.begin(name)
+    pending.add("data.json", write_bytes(pending.temp_dir / "data.json", b"{}"))
+    store.commit(pending, {})
+
+
+def test_second_store_waits_for_commit(tmp_path):
+    # The first store pauses between choosing its sequence number and renaming its folder; a
+    # second store (as in a second process) must not commit the same number meanwhile.
+    first, second = CheckpointStore(tmp_path), CheckpointStore(tmp_path)
+    chosen, release = threading.Event(), threading.Event()
+    choose = first.next_sequence
+
+    def slow_next_sequence() -> int:
+        value = choose()
+        chosen.set()
+        release.wait(5)
+        return value
+
+    first.next_sequence = slow_next_sequence
+    writer = threading.Thread(target=commit_one, args=(first, "a"))
+    writer.start()
+    chosen.wait(5)
+    other = threading.Thread(target=commit_one, args=(second, "b"))
+    other.start()
+    other.join(0.5)
+    release.set()
+    writer.join(5)
+    other.join(5)
+
+    sequences = [info.sequence for info in CheckpointStore(tmp_path).list()]
+    assert sorted(sequences) == [1, 2]

@@ -20,6 +20,7 @@ steps or modification times.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -33,6 +34,11 @@ import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: commits are serialized within one process only.
+    fcntl = None
 
 from hf_lifecycle._io import HOST as _HOST
 from hf_lifecycle._io import (
@@ -145,11 +151,16 @@ class PendingCheckpoint:
 
 
 class CheckpointStore:
-    """Owns one checkpoint folder. Thread-safe: commits and deletions are serialized by a lock."""
+    """Owns one checkpoint folder. Thread-safe: commits and deletions are serialized by a lock.
+
+    Where ``fcntl`` exists, commits, imports and deletions also hold an exclusive ``flock`` on
+    the folder itself, so stores in several processes never commit the same sequence.
+    """
 
     def __init__(self, root: str | os.PathLike[str], *, clean_leftovers: bool = True) -> None:
         self.root = Path(root).expanduser().resolve()
         self._lock = threading.RLock()
+        self._folder_lock_depth = 0
         self._entries: dict[str, dict[str, Any]] = {}
         self._identities: dict[str, list[int]] = {}
         # Identity of each folder that listing skipped for lack of a valid manifest, so that a
@@ -197,6 +208,32 @@ class CheckpointStore:
                 logger.info("Removed %d leftover temporary folders from %s", len(removed), self.root)
         return removed
 
+    @contextlib.contextmanager
+    def _writing(self):
+        """Hold the thread lock and, where the platform has flock, a lock on the folder."""
+        with self._lock:
+            if fcntl is None or self._folder_lock_depth:
+                # Nested call: a second flock from this process on a new descriptor would block.
+                self._folder_lock_depth += 1
+                try:
+                    yield
+                finally:
+                    self._folder_lock_depth -= 1
+                return
+            fd = os.open(self.root, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError as err:
+                    # NOTE: some network file systems cannot lock a folder. Commits from two
+                    # processes may then share a sequence number, which retention tolerates.
+                    logger.debug("Cannot lock %s (%s); committing without the lock", self.root, err)
+                self._folder_lock_depth = 1
+                yield
+            finally:
+                self._folder_lock_depth = 0
+                os.close(fd)  # Closing the descriptor releases the flock.
+
     # Writing --------------------------------------------------------------------------------
 
     def begin(self, name: str) -> PendingCheckpoint:
@@ -215,7 +252,7 @@ class CheckpointStore:
 
     def commit(self, pending: PendingCheckpoint, manifest: dict[str, Any]) -> CheckpointInfo:
         """Write the manifest last, then rename the folder into place. Returns the new record."""
-        with self._lock:
+        with self._writing():
             sequence = self.next_sequence()
             manifest = dict(manifest)
             manifest.update(
@@ -289,7 +326,7 @@ class CheckpointStore:
                     f"Checkpoint file {path} is corrupted: checksum mismatch.",
                     path=str(source), file=str(path),
                 )
-        with self._lock:
+        with self._writing():
             manifest = dict(manifest, name=name, sequence=self.next_sequence())
             data = encode_manifest(manifest)
             manifest_path = source / MANIFEST_NAME
@@ -316,7 +353,7 @@ class CheckpointStore:
     def delete(self, names: Iterable[str]) -> list[str]:
         """Delete committed checkpoints by name. Only folders inside this store are touched."""
         deleted = []
-        with self._lock:
+        with self._writing():
             for name in names:
                 validate_name(name, self.root)
                 folder = self.root / name
