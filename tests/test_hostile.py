@@ -243,3 +243,29 @@ def test_second_store_waits_for_commit(tmp_path):
 
     sequences = [info.sequence for info in CheckpointStore(tmp_path).list()]
     assert sorted(sequences) == [1, 2]
+
+
+def test_duplicate_sequence_keeps_retention(tmp_path):
+    # A folder copied in from another run can carry a sequence number already in use.
+    manager = new_manager(tmp_path / "run", retention_policy=KeepLastN(1))
+    other = new_manager(tmp_path / "other")
+    other.save_checkpoint(tiny_model(), name="copied")
+    manager.save_checkpoint(tiny_model(), name="own")
+    (other.checkpoint_dir / "copied").rename(manager.checkpoint_dir / "copied")
+
+    manager.save_checkpoint(tiny_model(), name="newest")
+
+    assert set(listed(manager)) == {"newest", "copied", "own"}
+
+
+def test_duplicate_sequence_others_deleted(tmp_path):
+    manager = new_manager(tmp_path / "run", retention_policy=KeepLastN(1))
+    other = new_manager(tmp_path / "other")
+    other.save_checkpoint(tiny_model(), name="copied")
+    manager.save_checkpoint(tiny_model(), name="own")
+    (other.checkpoint_dir / "copied").rename(manager.checkpoint_dir / "copied")
+    manager.save_checkpoint(tiny_model(), name="middle")
+
+    manager.save_checkpoint(tiny_model(), name="newest")
+
+    assert "middle" not in listed(manager)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as _dt
 import logging
@@ -61,7 +62,7 @@ from hf_lifecycle.hub.sync import (
     run_with_retries,
 )
 from hf_lifecycle.integrations.tensorboard import RUNS_DIRNAME, TensorBoardLogger
-from hf_lifecycle.retention import RetentionPolicy, as_policy, plan_retention
+from hf_lifecycle.retention import RetentionPlan, RetentionPolicy, as_policy, plan_retention
 from hf_lifecycle.tracking import (
     ExperimentTracker,
     build_metadata,
@@ -547,12 +548,29 @@ class HFManager:
     @on_main_rank("Applying the retention policy")
     def cleanup_checkpoints(self, dry_run: bool = False) -> list[str]:
         """Apply the retention policy. Returns the names deleted (or, with dry_run, to delete)."""
-        plan = plan_retention(
-            self.retention_policy, self.store.list(), protected=self._protected_checkpoints()
-        )
+        plan = self._plan_retention(self._protected_checkpoints())
         if dry_run or not plan.delete:
             return list(plan.delete)
         return self.store.delete(plan.delete)
+
+    def _plan_retention(self, protected: set[str]) -> RetentionPlan:
+        """Plan retention over the checkpoints whose commit order is unambiguous.
+
+        Checkpoints that share a sequence number (a folder copied in from another run, or
+        saved by a second process without file locks) are kept and left out of the plan,
+        because which of them is newer is unknown.
+        """
+        checkpoints = self.store.list()
+        counts = collections.Counter(info.sequence for info in checkpoints)
+        shared = sorted(info.name for info in checkpoints if counts[info.sequence] > 1)
+        if shared:
+            logger.warning(
+                "Retention keeps checkpoints %s: they share sequence numbers, so their commit "
+                "order is unknown. Move all but one of each out of %s to apply retention to them.",
+                ", ".join(shared), self.checkpoint_dir,
+            )
+        unique = [info for info in checkpoints if counts[info.sequence] == 1]
+        return plan_retention(self.retention_policy, unique, protected=protected)
 
     # Loading ---------------------------------------------------------------------------------
 
@@ -798,9 +816,7 @@ class HFManager:
             # Retention skipped this checkpoint while its push was pending; apply it now. The
             # queue lists the checkpoint as pending until this job returns, so it is passed as
             # finished to leave it unprotected.
-            plan = plan_retention(
-                self.retention_policy, self.store.list(), protected=hub.protected(finished=info.name)
-            )
+            plan = self._plan_retention(hub.protected(finished=info.name))
             if plan.delete:
                 self.store.delete(plan.delete)
 
