@@ -311,3 +311,45 @@ def test_unaligned_tensor_from_another_writer(tmp_path):
     assert loaded["flag"].tolist() == [7]
     assert torch.equal(loaded["values"], values)
     assert loaded["values"].data_ptr() % 4 == 0
+
+
+def test_read_without_preadv(tmp_path, monkeypatch, small_chunks):
+    monkeypatch.setattr(tensorfile, "_preadv", None)
+    tensors = sample_tensors()
+    path = tmp_path / "t.safetensors"
+    record = write_tensors(path, tensors)
+    assert_same(read_tensors(path, record)[0], tensors)
+
+
+def read_threads_alive() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "checkpoint-read"]
+
+
+def test_parallel_read_stops_at_end_of_file(tmp_path, monkeypatch, small_chunks):
+    path = tmp_path / "t.safetensors"
+    record = write_tensors(path, sample_tensors())
+    real_preadv = os.preadv
+
+    def preadv_ending_early(fd, buffers, offset):
+        if offset > record.size // 2:
+            return 0
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(tensorfile, "_preadv", preadv_ending_early)
+    with pytest.raises(CheckpointCorruptedError, match="ended early"):
+        read_tensors(path, record)
+    assert not read_threads_alive()
+
+
+def test_parallel_read_error_is_raised(tmp_path, monkeypatch, small_chunks):
+    path = tmp_path / "t.safetensors"
+    record = write_tensors(path, sample_tensors())
+
+    def failing_preadv(fd, buffers, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(tensorfile, "_preadv", failing_preadv)
+    with pytest.raises(OSError) as raised:
+        read_tensors(path, record)
+    assert raised.value.errno == errno.EIO
+    assert not read_threads_alive()
