@@ -136,6 +136,7 @@ HOSTILE_FILES = {
     "ndarray unknown dtype": {"custom_state.json": b'{"__type__": "ndarray", "key": "k", "dtype": "zz"}'},
     "optimizer not a dict": {"optimizer.json": b"[1, 2]"},
     "optimizer without groups": {"optimizer.json": b'{"state": {}}'},
+    "optimizer group a number": {"optimizer.json": b'{"state": {}, "param_groups": [5]}'},
     "rng python not a state": {"rng_state.json": b'{"python": 5}'},
     "rng numpy not a state": {"rng_state.json": b'{"numpy": [1, 2]}'},
     "config deep": {"config.json": deep_object()},
@@ -269,3 +270,57 @@ def test_duplicate_sequence_others_deleted(tmp_path):
     manager.save_checkpoint(tiny_model(), name="newest")
 
     assert "middle" not in listed(manager)
+
+
+# Loading into objects the checkpoint does not fit ------------------------------------------
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def wider_model() -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 5))
+
+
+def test_wrong_shape_load_raises(tmp_path):
+    manager = two_checkpoints(tmp_path)
+
+    with pytest.raises(ConfigurationError) as caught:
+        manager.load_checkpoint("good", wider_model())
+
+    assert "1.weight" in str(caught.value)
+
+
+def test_wrong_shape_load_changes_nothing(tmp_path):
+    manager = two_checkpoints(tmp_path)
+    model = wider_model()
+    before = weights(model)
+
+    with pytest.raises(ConfigurationError):
+        manager.load_checkpoint("good", model)
+
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def test_missing_key_load_raises(tmp_path):
+    manager = two_checkpoints(tmp_path)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), torch.nn.Linear(2, 2))
+
+    with pytest.raises(ConfigurationError) as caught:
+        manager.load_checkpoint("good", model)
+
+    assert "2.weight" in str(caught.value)
+
+
+def test_wrong_optimizer_load_changes_nothing(tmp_path):
+    manager = two_checkpoints(tmp_path)
+    model = tiny_model()
+    torch.nn.init.zeros_(model[0].weight)
+    optimizer = torch.optim.Adam(list(model.parameters())[:2])
+
+    with pytest.raises(ConfigurationError):
+        manager.load_checkpoint("good", model, optimizer)
+
+    assert torch.count_nonzero(model[0].weight) == 0

@@ -21,7 +21,13 @@ from hf_lifecycle._io import remove_stale_temps
 from hf_lifecycle._version import __version__
 from hf_lifecycle.checkpoint.format import capture_rng_state, encode_state, restore_rng_state
 from hf_lifecycle.checkpoint.info import CheckpointInfo
-from hf_lifecycle.checkpoint.serialize import build_state, read_state, unwrap_model, write_state
+from hf_lifecycle.checkpoint.serialize import (
+    build_state,
+    check_fits,
+    read_state,
+    unwrap_model,
+    write_state,
+)
 from hf_lifecycle.checkpoint.store import CheckpointStore, validate_name
 from hf_lifecycle.checkpoint.writer import BackgroundWriter, snapshot_state
 from hf_lifecycle.distributed import (
@@ -680,6 +686,8 @@ class HFManager:
         loaded = read_state(folder, manifest, map_location=map_location, allow_pickle=allow_pickle)
         if "sharded" in (manifest.get("components") or {}):
             verify_sharded_files(folder, manifest, self._ranks.rank, self._ranks.world_size)
+        elif not is_sharded(model):
+            check_fits(folder.name, loaded, model, optimizer)
         return manifest, loaded
 
     def _apply_checkpoint(self, folder, manifest, loaded, model, optimizer, scheduler) -> None:

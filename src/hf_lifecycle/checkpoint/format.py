@@ -242,7 +242,12 @@ def check_component(name: str, value: Any) -> None:
     if not isinstance(value, dict):
         raise ValueError(f"the {name} state is a {type(value).__name__}, not a dict")
     if name == "optimizer" and not (
-        isinstance(value.get("state"), dict) and isinstance(value.get("param_groups"), list)
+        isinstance(value.get("state"), dict)
+        and isinstance(value.get("param_groups"), list)
+        and all(
+            isinstance(group, dict) and isinstance(group.get("params"), list)
+            for group in value["param_groups"]
+        )
     ):
         raise ValueError("the optimizer state has no 'state' dict and 'param_groups' list")
 

@@ -72,6 +72,51 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def check_fits(
+    name: str, loaded: LoadedCheckpoint, model: torch.nn.Module | None, optimizer: Any
+) -> None:
+    """Raise ConfigurationError, before anything changes, when ``loaded`` does not fit.
+
+    ``load_state_dict`` copies every matching tensor before it reports the others, so a
+    checkpoint of another architecture would otherwise leave the model half overwritten.
+    """
+    problems: list[str] = []
+    if model is not None and loaded.model_state is not None:
+        problems += _model_mismatches(unwrap_model(model), loaded.model_state)
+    if optimizer is not None and loaded.optimizer is not None:
+        saved = [len(group["params"]) for group in loaded.optimizer["param_groups"]]
+        current = [len(group["params"]) for group in optimizer.param_groups]
+        if saved != current:
+            problems.append(
+                f"the optimizer has parameter groups of sizes {current}, the checkpoint {saved}"
+            )
+    if problems:
+        raise ConfigurationError(
+            f"Checkpoint {name!r} does not fit the objects passed to load it: "
+            f"{'; '.join(problems)}. Nothing was changed. Load it into the model and optimizer "
+            f"it was saved from, or pass model=None or optimizer=None to skip one."
+        )
+
+
+def _model_mismatches(model: torch.nn.Module, saved: Mapping[str, Any]) -> list[str]:
+    current = model.state_dict()
+    problems = []
+    for key in sorted(set(saved) & set(current)):
+        old, new = saved[key], current[key]
+        if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and old.shape != new.shape:
+            problems.append(f"{key} has shape {list(new.shape)}, the checkpoint {list(old.shape)}")
+    # Load pre-hooks may rename or drop keys (to read older layouts), so only modules without
+    # them get the key check that strict loading would make afterwards.
+    if not any(module._load_state_dict_pre_hooks for module in model.modules()):
+        missing = sorted(set(current) - set(saved))
+        unexpected = sorted(set(saved) - set(current))
+        if missing:
+            problems.append(f"the checkpoint lacks {', '.join(missing[:5])}")
+        if unexpected:
+            problems.append(f"the model has no {', '.join(unexpected[:5])}")
+    return problems[:8]
+
+
 def split_shared(
     state: Mapping[str, Any],
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
