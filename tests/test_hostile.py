@@ -324,3 +324,54 @@ def test_wrong_optimizer_load_changes_nothing(tmp_path):
         manager.load_checkpoint("good", model, optimizer)
 
     assert torch.count_nonzero(model[0].weight) == 0
+
+
+# Bad arguments --------------------------------------------------------------------------------
+
+
+def cyclic_dict() -> dict:
+    value: dict = {}
+    value["self"] = value
+    return value
+
+
+def cyclic_list() -> list:
+    value: list = []
+    value.append(value)
+    return value
+
+
+def nested_list(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BAD_CUSTOM_STATES = {
+    "dict containing itself": cyclic_dict(),
+    "list containing itself": cyclic_list(),
+    "nested too deeply": nested_list(5000),
+    "meta tensor": {"t": torch.empty(3, device="meta")},
+}
+
+
+@pytest.mark.parametrize("state", BAD_CUSTOM_STATES.values(), ids=BAD_CUSTOM_STATES.keys())
+@pytest.mark.parametrize("blocking", [True, False])
+def test_bad_custom_state_raises(tmp_path, state, blocking):
+    manager = new_manager(tmp_path)
+
+    with pytest.raises(SerializationError):
+        manager.save_checkpoint(tiny_model(), name="x", custom_state=state, blocking=blocking)
+        manager.wait_for_checkpoints()
+
+    assert listed(manager) == []
+
+
+def test_meta_model_raises(tmp_path):
+    manager = new_manager(tmp_path)
+    with torch.device("meta"):
+        model = torch.nn.Linear(2, 2)
+
+    with pytest.raises(SerializationError):
+        manager.save_checkpoint(model, name="x")

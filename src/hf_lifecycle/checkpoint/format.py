@@ -43,7 +43,14 @@ class EncodedState:
 def encode_state(state: Any, *, root: str, allow_pickle: bool = False) -> EncodedState:
     """Split ``state`` into a JSON tree and tensors. ``root`` names the state in error messages."""
     encoded = EncodedState()
-    encoded.tree = _encode(state, root, encoded, allow_pickle)
+    try:
+        encoded.tree = _encode(state, root, encoded, allow_pickle)
+    except RecursionError:
+        raise SerializationError(
+            f"{root} contains itself, or is nested deeper than Python's recursion limit. Pass a "
+            f"copy without the cycle, or flatten it.",
+            key=root,
+        ) from None
     return encoded
 
 
@@ -55,6 +62,7 @@ def _encode(value: Any, key: str, out: EncodedState, allow_pickle: bool) -> Any:
             return value
         return {TYPE_KEY: "float", "value": repr(value)}
     if isinstance(value, torch.Tensor):
+        check_has_data(key, value)
         out.tensors[key] = value
         return {TYPE_KEY: "tensor", "key": key, "device": str(value.device)}
     if isinstance(value, np.ndarray):
@@ -84,6 +92,16 @@ def _encode(value: Any, key: str, out: EncodedState, allow_pickle: bool) -> Any:
             items.append([k, _encode(v, f"{key}[{k!r}]", out, allow_pickle)])
         return {TYPE_KEY: "dict", "items": items}
     return _fallback(value, key, out, allow_pickle)
+
+
+def check_has_data(key: str, tensor: torch.Tensor) -> None:
+    """Raise SerializationError for a tensor on the meta device, which has a shape but no data."""
+    if tensor.device.type == "meta":
+        raise SerializationError(
+            f"{key} is a tensor on the meta device, which holds no data to save. Materialize "
+            f"it first, for example with module.to_empty(device='cpu') and then loading weights.",
+            key=key,
+        )
 
 
 def _fallback(value: Any, key: str, out: EncodedState, allow_pickle: bool) -> Any:

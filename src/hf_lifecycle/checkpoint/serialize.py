@@ -29,6 +29,7 @@ from hf_lifecycle.checkpoint.format import (
     EncodedState,
     MapLocation,
     check_component,
+    check_has_data,
     decode_state,
     dumps_pickled,
     encode_state,
@@ -191,6 +192,8 @@ def build_state(
     state = CheckpointState()
     if model is not None:
         tensors, aliases, extra = split_shared(unwrap_model(model).state_dict())
+        for key, tensor in tensors.items():
+            check_has_data(f"model.{key}", tensor)
         state.model = tensors
         state.model_aliases = aliases
         if extra:
