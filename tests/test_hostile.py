@@ -375,3 +375,10 @@ def test_meta_model_raises(tmp_path):
 
     with pytest.raises(SerializationError):
         manager.save_checkpoint(model, name="x")
+
+
+def test_huge_int_metric_raises(tmp_path):
+    manager = new_manager(tmp_path)
+
+    with pytest.raises(SerializationError):
+        manager.save_checkpoint(tiny_model(), name="x", metrics={"loss": 10**400})

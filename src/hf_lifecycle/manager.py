@@ -122,7 +122,13 @@ def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
                 f"metrics must be numbers.",
                 key=key,
             )
-        checked[key] = float(value)
+        try:
+            checked[key] = float(value)
+        except OverflowError:
+            raise SerializationError(
+                f"Metric {key!r} is an int too large for a float; pass it as a float or scale it.",
+                key=key,
+            ) from None
     return checked
 
 
