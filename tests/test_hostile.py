@@ -382,3 +382,29 @@ def test_huge_int_metric_raises(tmp_path):
 
     with pytest.raises(SerializationError):
         manager.save_checkpoint(tiny_model(), name="x", metrics={"loss": 10**400})
+
+
+BAD_MAP_LOCATIONS = {
+    "unknown device": "nodevice",
+    "dict to unknown device": {"cpu": "nodevice"},
+    "object": object(),
+    "float": 1.5,
+}
+
+
+@pytest.mark.parametrize(
+    "map_location", BAD_MAP_LOCATIONS.values(), ids=BAD_MAP_LOCATIONS.keys()
+)
+def test_bad_map_location_raises(tmp_path, map_location):
+    manager = two_checkpoints(tmp_path)
+
+    with pytest.raises(ConfigurationError):
+        manager.load_checkpoint("good", tiny_model(), map_location=map_location)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_absent_device_map_location_raises(tmp_path):
+    manager = two_checkpoints(tmp_path)
+
+    with pytest.raises(ConfigurationError):
+        manager.load_latest_checkpoint(tiny_model(), map_location="cuda")

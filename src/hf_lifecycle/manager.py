@@ -19,7 +19,12 @@ import torch
 
 from hf_lifecycle._io import remove_stale_temps
 from hf_lifecycle._version import __version__
-from hf_lifecycle.checkpoint.format import capture_rng_state, encode_state, restore_rng_state
+from hf_lifecycle.checkpoint.format import (
+    capture_rng_state,
+    check_map_location,
+    encode_state,
+    restore_rng_state,
+)
 from hf_lifecycle.checkpoint.info import CheckpointInfo
 from hf_lifecycle.checkpoint.serialize import (
     build_state,
@@ -604,6 +609,7 @@ class HFManager:
 
         Every file is verified against its checksum before any object is changed.
         """
+        check_map_location(map_location)
         info = self._ranks.run_on_main(
             f"Finding checkpoint {name!r}",
             lambda: self._find_checkpoint(name),
@@ -633,6 +639,7 @@ class HFManager:
         With an empty checkpoint folder and a ``repo_id``, the latest complete
         checkpoint on the Hub (only that one) is downloaded, verified and loaded.
         """
+        check_map_location(map_location)
         local = self._ranks.run_on_main("Finding the latest checkpoint", self._load_candidates)
         for info in reversed(local):
             try:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_lifecycle.errors import SerializationError
+from hf_lifecycle.errors import ConfigurationError, SerializationError
 
 TYPE_KEY = "__type__"
 _SCALARS = (str, int, bool, type(None))
@@ -210,6 +210,29 @@ def place_tensor(tensor: torch.Tensor, saved_device: str, map_location: MapLocat
     if torch.device(target).type == "cpu":
         return tensor
     return tensor.to(target)
+
+
+def check_map_location(map_location: Any) -> None:
+    """Raise ConfigurationError for a ``map_location`` that no load could use, before any I/O."""
+    if map_location is None or callable(map_location):
+        return
+    targets = list(map_location.values()) if isinstance(map_location, Mapping) else [map_location]
+    for target in targets:
+        try:
+            device = torch.device(target)
+        except (RuntimeError, TypeError) as err:
+            raise ConfigurationError(
+                f"Invalid map_location {map_location!r}: {target!r} is not a device. Pass "
+                f"'cpu', 'cuda:0', a torch.device, a dict from saved to new device names, a "
+                f"function (tensor, saved_device) -> tensor, or None."
+            ) from err
+        # A dict entry falls back to the CPU when its device is absent; a plain target does not.
+        absent = device.type in ("cuda", "mps") and not _device_available(str(device))
+        if absent and not isinstance(map_location, Mapping):
+            raise ConfigurationError(
+                f"Invalid map_location {map_location!r}: this machine has no {device.type} "
+                f"device. Pass map_location='cpu', or None to use the saved devices where present."
+            )
 
 
 def _device_available(device: str) -> bool:
