@@ -431,6 +431,7 @@ def test_subprocess_verify_and_cleanup(run_dir):
     verified = run_cli("verify", *dirs(run_dir)[:2])
     assert verified.returncode == 1
     assert str(bad) in verified.stderr
+    assert verified.stderr.count("Error:") == 1
     assert "Traceback" not in verified.stderr
 
     before = checkpoint_names(run_dir)

@@ -161,7 +161,8 @@ def _reports_errors(command: CommandFunction) -> CommandFunction:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
         try:
             return command(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        # typer's own Exit does not derive from click's in every typer release (0.29 included).
+        except (typer.Exit, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as err:  # noqa: BLE001 - every failure ends as one line
             logger.debug("Command failed", exc_info=True)
