@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from hf_lifecycle._version import __version__
-from hf_lifecycle.errors import CheckpointNotFoundError, HubAuthenticationError, HubError, PushError
+from hf_lifecycle.errors import (
+    CheckpointCorruptedError,
+    CheckpointNotFoundError,
+    HubAuthenticationError,
+    HubError,
+    PushError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -496,16 +502,28 @@ def _register_exit_hook() -> None:
 
 
 def checkpoint_operations(name: str, folder: Path) -> list[Any]:
-    """Commit operations that upload every file of a committed checkpoint folder."""
+    """Commit operations that upload a committed checkpoint: its manifest and the files it lists.
+
+    Files that the manifest does not list stay local. A listed file that is missing, or is a
+    symbolic link (which could point anywhere on this machine), raises
+    :class:`CheckpointCorruptedError` instead of being uploaded.
+    """
     from huggingface_hub import CommitOperationAdd
 
+    from hf_lifecycle.checkpoint.store import MANIFEST_NAME, manifest_files, read_manifest
+
+    root = folder.resolve()
     operations = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            relative = path.relative_to(folder).as_posix()
-            operations.append(
-                CommitOperationAdd(f"{CHECKPOINTS_PREFIX}/{name}/{relative}", str(path))
+    for relative in sorted([MANIFEST_NAME, *manifest_files(read_manifest(folder))]):
+        path = folder / relative
+        if path.is_symlink() or not path.is_file() or not path.resolve().is_relative_to(root):
+            raise CheckpointCorruptedError(
+                f"Not pushing checkpoint {name}: {path} is missing, a symbolic link, or outside "
+                f"{folder}. Delete the checkpoint or restore the file.",
+                path=str(folder),
+                file=str(path),
             )
+        operations.append(CommitOperationAdd(f"{CHECKPOINTS_PREFIX}/{name}/{relative}", str(path)))
     return operations
 
 

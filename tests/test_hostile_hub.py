@@ -1,0 +1,92 @@
+"""Hostile content on either side of a push: planted files in a checkpoint folder, crafted
+files on the Hub, and a repository that disappears mid-run.
+
+Everything runs against the session's LocalHub over HTTP with the real huggingface_hub client.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import CommitOperationAdd, HfApi, constants
+
+from hf_lifecycle import CheckpointCorruptedError, HFManager, HubError, KeepAll
+
+TOKEN = os.environ["HF_TOKEN"]
+
+# huggingface_hub 2.4 passes LFS upload bodies as data=, which httpx2 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
+
+def owner_api() -> HfApi:
+    return HfApi(endpoint=constants.ENDPOINT, token=TOKEN)
+
+
+def new_manager(folder: Path, repo_id: str, **options) -> HFManager:
+    options.setdefault("push_retry_wait", 0.05)
+    options.setdefault("retention_policy", KeepAll())
+    return HFManager(
+        repo_id, local_dir=folder / "outputs", checkpoint_dir=folder / "checkpoints", **options
+    )
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 2)
+
+
+def repo_files(repo_id: str) -> set[str]:
+    return set(owner_api().list_repo_files(repo_id))
+
+
+# Planted files in a local checkpoint -----------------------------------------------------------
+
+
+def test_symlink_in_checkpoint_not_pushed(hub, repo_id, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    manager = new_manager(tmp_path, repo_id)
+    folder = Path(manager.save_checkpoint(tiny_model(), name="ckpt"))
+    (folder / "link.txt").symlink_to(secret)
+
+    manager.push(push_metadata=False)
+
+    assert "checkpoints/ckpt/link.txt" not in repo_files(repo_id)
+
+
+def test_symlinked_listed_file_not_pushed(hub, repo_id, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    manager = new_manager(tmp_path, repo_id)
+    folder = Path(manager.save_checkpoint(tiny_model(), name="ckpt"))
+    (folder / "rng_state.json").unlink()
+    (folder / "rng_state.json").symlink_to(secret)
+
+    with pytest.raises(CheckpointCorruptedError):
+        manager.push(push_metadata=False)
+
+
+def test_unlisted_file_not_pushed(hub, repo_id, tmp_path):
+    manager = new_manager(tmp_path, repo_id, auto_push=True)
+    folder = Path(manager.save_checkpoint(tiny_model(), name="ckpt", blocking=True))
+    manager.wait_for_pushes()
+    (folder / "notes.txt").write_text("written after the commit")
+
+    manager.save_checkpoint(tiny_model(), name="next")
+    manager.wait_for_pushes()
+    manager.push(push_metadata=False)
+
+    assert "checkpoints/ckpt/notes.txt" not in repo_files(repo_id)
+
+
+def test_pushed_checkpoint_has_manifest_files(hub, repo_id, tmp_path):
+    manager = new_manager(tmp_path, repo_id)
+    folder = Path(manager.save_checkpoint(tiny_model(), name="ckpt"))
+
+    manager.push(push_metadata=False)
+
+    local = {f"checkpoints/ckpt/{path.name}" for path in folder.iterdir()}
+    assert local <= repo_files(repo_id)
