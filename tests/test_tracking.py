@@ -652,3 +652,23 @@ def test_plot_without_metrics_returns_none(tmp_path, caplog):
     assert ExperimentTracker().plot(tmp_path / "empty.png") is None
     assert not (tmp_path / "empty.png").exists()
     assert "No metrics" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["lr", "learning_rate", "epoch", "train_runtime",
+                                  "train_samples_per_second", "grad_norm", "total_flos"])
+def test_best_skips_unranked_quantity(name):
+    tracker = ExperimentTracker()
+    tracker.log_metrics({name: 1.0, "loss": 1.0}, step=1)
+    tracker.log_metrics({name: 0.5, "loss": 0.5}, step=2)
+
+    assert name not in tracker.best()
+    assert tracker.best()["loss"]["value"] == 0.5
+
+
+def test_best_ranks_unranked_with_mode():
+    tracker = ExperimentTracker()
+    tracker.set_metric_mode("lr", "max")
+    tracker.log_metrics({"lr": 1.0}, step=1)
+    tracker.log_metrics({"lr": 0.5}, step=2)
+
+    assert tracker.best()["lr"]["value"] == 1.0

@@ -349,6 +349,22 @@ def _name_words(name: str) -> set[str]:
     return words
 
 
+# Quantities that are logged beside metrics but have no better or worse value: a "best"
+# learning rate or throughput means nothing, so best() leaves them out unless a mode is set.
+_UNRANKED_WORDS = frozenset({"lr", "epoch", "runtime", "flos", "momentum"})
+_UNRANKED_PHRASES = ("learning_rate", "per_second", "grad_norm")
+
+
+def _is_unranked(name: str) -> bool:
+    words = _name_words(name)
+    joined = "_".join(word for word in re.split(r"[^a-z0-9]+", name.lower()) if word)
+    return (
+        bool(words & _UNRANKED_WORDS)
+        or joined == "step"
+        or any(phrase in joined for phrase in _UNRANKED_PHRASES)
+    )
+
+
 def _guess_metric_mode(name: str) -> MetricMode:
     """Guess whether larger values of a metric are better, from the words of its name.
 
@@ -516,13 +532,17 @@ class ExperimentTracker:
         """Return the best finite ``{"value", "step", "mode"}`` of each metric.
 
         The mode comes from :meth:`metric_mode`. On a tie the earliest record wins.
-        Metrics without any finite value are left out.
+        Metrics without any finite value are left out, and so are quantities with no better
+        value (learning rate, epoch, runtime, throughput, gradient norm) unless
+        :meth:`set_metric_mode` gave them a mode.
         """
         with self._lock:
             result: dict[str, dict[str, Any]] = {}
             modes: dict[str, MetricMode] = {}
             for record in self._records:
                 if not math.isfinite(record.value):
+                    continue
+                if record.name not in self._modes and _is_unranked(record.name):
                     continue
                 if record.name not in modes:
                     modes[record.name] = self.metric_mode(record.name)
@@ -1101,7 +1121,7 @@ def format_summary(
                 f", best {_format_number(best[name]['value'])} at step {best[name]['step']}"
                 f" ({modes[name]})"
             )
-        else:
+        elif not _is_unranked(name):
             text += f", best none ({modes[name]}, no finite value)"
         lines.append(text)
     if not metric_names:
