@@ -336,6 +336,18 @@ def test_unknown_metric_in_composition_deletes_nothing(caplog):
     assert any("eval/loss" in record.getMessage() for record in caplog.records)
 
 
+def test_unknown_metric_warns_once_per_policy(caplog):
+    checkpoints = [make_checkpoint(index, step=index, metrics={"loss": 0.1}) for index in range(1, 4)]
+    caplog.set_level(logging.DEBUG, logger=retention.__name__)
+    policy = KeepBestM(1, metric="val_loss")
+
+    for _ in range(3):
+        plan_retention(policy, checkpoints)
+
+    levels = [record.levelno for record in caplog.records if "val_loss" in record.getMessage()]
+    assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+
+
 def test_unknown_metric_without_any_metrics_warns(caplog):
     checkpoints = [make_checkpoint(index, step=index) for index in range(1, 4)]
     caplog.set_level(logging.WARNING, logger=retention.__name__)

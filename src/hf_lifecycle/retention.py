@@ -44,6 +44,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# ids of KeepBestM objects that already reported a missing metric at WARNING.
+_WARNED_POLICIES: set[int] = set()
+
 NEWEST_REASON = "newest"
 """Reason that :func:`explain` lists for the newest checkpoint, which is never deleted."""
 
@@ -143,7 +146,11 @@ class KeepBestM(RetentionPolicy):
             return set()
         if not any(self.metric in checkpoint.metrics for checkpoint in ordered):
             present = sorted({name for checkpoint in ordered for name in checkpoint.metrics})
-            logger.warning(
+            # Retention runs after every save: each policy object warns once, then at DEBUG.
+            level = logging.DEBUG if id(self) in _WARNED_POLICIES else logging.WARNING
+            _WARNED_POLICIES.add(id(self))
+            logger.log(
+                level,
                 "Metric %r is not logged by any of the %d checkpoints (metrics present: %s), "
                 "so KeepBestM keeps all of them. Pass one of the present names as metric=, "
                 "or log %r with each save.",
