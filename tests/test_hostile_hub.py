@@ -90,3 +90,43 @@ def test_pushed_checkpoint_has_manifest_files(hub, repo_id, tmp_path):
 
     local = {f"checkpoints/ckpt/{path.name}" for path in folder.iterdir()}
     assert local <= repo_files(repo_id)
+
+
+# Crafted files on the Hub ---------------------------------------------------------------------
+
+HOSTILE_POINTERS = {
+    "not json": b"{",
+    "a list": b"[1, 2]",
+    "nested too deeply": b"[" * 100_000 + b"]" * 100_000,
+}
+
+
+@pytest.mark.parametrize("content", HOSTILE_POINTERS.values(), ids=HOSTILE_POINTERS.keys())
+def test_hostile_hub_pointer_raises(hub, repo_id, tmp_path, content):
+    owner_api().create_repo(repo_id)
+    owner_api().create_commit(
+        repo_id,
+        [CommitOperationAdd("checkpoints/latest.json", content)],
+        commit_message="Add a pointer",
+    )
+    manager = new_manager(tmp_path, repo_id)
+
+    with pytest.raises(HubError):
+        manager.load_latest_checkpoint(tiny_model())
+
+
+def test_hostile_hub_manifest_falls_back(hub, repo_id, tmp_path):
+    manager = new_manager(tmp_path / "first", repo_id)
+    for name in ("older", "newer"):
+        manager.save_checkpoint(tiny_model(), name=name)
+    manager.push(push_metadata=False)
+    owner_api().create_commit(
+        repo_id,
+        [CommitOperationAdd("checkpoints/newer/manifest.json", b"[" * 100_000)],
+        commit_message="Damage the newest manifest",
+    )
+    fresh = new_manager(tmp_path / "second", repo_id)
+
+    loaded = fresh.load_latest_checkpoint(tiny_model())
+
+    assert loaded["name"] == "older"

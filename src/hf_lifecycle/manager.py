@@ -662,7 +662,11 @@ class HFManager:
         except CheckpointCorruptedError as err:
             logger.warning("The latest checkpoint on the Hub is corrupted, trying older ones: %s", err)
         hub = self._hub_sync("Loading from the Hub")
-        for name in hub.checkpoints_newest_first(hub.head())[1:]:
+        revision = hub.head()
+        latest = (hub.latest_pointer(revision) or {}).get("name") if revision else None
+        for name in hub.checkpoints_newest_first(revision):
+            if name == latest:
+                continue  # Already tried above. Its manifest may be unreadable, so not listed first.
             try:
                 return self._fetch_from_hub(name)
             except CheckpointCorruptedError as err:

@@ -337,9 +337,13 @@ class HubSync:
             return []
         order = []
         for name in self.remote_checkpoints():
-            manifest = self.read_json(f"{CHECKPOINTS_PREFIX}/{name}/manifest.json", revision)
+            try:
+                manifest = self.read_json(f"{CHECKPOINTS_PREFIX}/{name}/manifest.json", revision)
+            except HubError as err:
+                logger.warning("Skipping checkpoint %s on the Hub: %s", name, err)
+                continue
             if isinstance(manifest, dict):
-                order.append((manifest.get("sequence") or 0, manifest.get("timestamp") or 0, name))
+                order.append((_number(manifest.get("sequence")), _number(manifest.get("timestamp")), name))
         return [name for *_, name in sorted(order, reverse=True)]
 
     def wait(self, timeout: float | None = None) -> None:
@@ -395,13 +399,23 @@ class HubSync:
             )
         except EntryNotFoundError:
             return None
-        with open(local, encoding="utf-8") as handle:
-            return json.load(handle)
+        try:
+            with open(local, encoding="utf-8") as handle:
+                return json.load(handle)
+        except (ValueError, RecursionError) as err:
+            # ValueError covers invalid JSON and invalid UTF-8.
+            raise HubError(
+                f"{path_in_repo} in {self.repo_id} at {revision[:12]} is not valid JSON "
+                f"({type(err).__name__}: {str(err)[:200]}).",
+                repo_id=self.repo_id,
+            ) from err
 
     def latest_pointer(self, revision: str) -> dict[str, Any] | None:
         pointer = self.read_json(LATEST_POINTER, revision)
         if pointer is not None and (
-            pointer.get("format") != POINTER_FORMAT or not isinstance(pointer.get("name"), str)
+            not isinstance(pointer, dict)
+            or pointer.get("format") != POINTER_FORMAT
+            or not isinstance(pointer.get("name"), str)
         ):
             raise HubError(
                 f"{LATEST_POINTER} in {self.repo_id} is not an hf-lifecycle pointer.",
@@ -414,7 +428,15 @@ class HubSync:
         from huggingface_hub import snapshot_download
 
         folder = f"{CHECKPOINTS_PREFIX}/{name}"
-        if self.read_json(f"{folder}/manifest.json", revision) is None:
+        try:
+            manifest = self.read_json(f"{folder}/manifest.json", revision)
+        except HubError as err:
+            raise CheckpointCorruptedError(
+                f"Checkpoint {name} in Hub repository {self.repo_id} is corrupted: {err}",
+                path=f"{self.repo_id}/{folder}",
+                file=f"{self.repo_id}/{folder}/manifest.json",
+            ) from err
+        if manifest is None:
             raise CheckpointNotFoundError(
                 f"No checkpoint named {name!r} in Hub repository {self.repo_id}.",
                 path=f"{self.repo_id}/{folder}",
@@ -499,6 +521,11 @@ def _register_exit_hook() -> None:
             # that hashes or uploads several files in parallel fails and is reported lost.
             atexit.register(_flush_all_at_exit)
         _exit_hook_registered = True
+
+
+def _number(value: Any) -> float:
+    """Return ``value`` if it is an int or float (not a bool), else 0, for sorting."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
 def checkpoint_operations(name: str, folder: Path) -> list[Any]:
