@@ -692,3 +692,21 @@ def test_exit_reports_lost_pushes(hub, repo_id, tmp_path):
     assert "checkpoint-step-1" in lines[0]
     assert "checkpoint-step-2" in lines[0]
     assert folder_names(tmp_path / "checkpoints") == ["checkpoint-step-1", "checkpoint-step-2"]
+
+
+def test_late_endpoint_variable_applies(hub, repo_id, tmp_path, monkeypatch, caplog):
+    # The client read another endpoint at import; HF_ENDPOINT set later must still win, so
+    # no call goes to the endpoint the client started with.
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    template = "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    manager = make_manager(tmp_path, repo_id, model=small_model())
+    manager.save_checkpoint(step=1)
+
+    manager.push()
+
+    assert hub_checkpoints(repo_id) == {"checkpoint-step-1"}
+    assert constants.ENDPOINT == hub.endpoint
+    assert "set after huggingface_hub was imported" in caplog.text
+    manager.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
 import queue
 import re
 import sys
@@ -109,6 +110,30 @@ def resolve_token(explicit: str | None) -> str | None:
     from huggingface_hub import get_token
 
     return get_token()
+
+
+def hub_endpoint() -> str:
+    """Return the Hub URL, making huggingface_hub agree with ``HF_ENDPOINT`` when it was set late.
+
+    huggingface_hub reads ``HF_ENDPOINT`` once, at import. A caller who sets it afterwards
+    expects it to apply, and some client calls (YAML validation of model cards) always use the
+    import-time value: left alone they would reach the public Hub. So the client's constants
+    are updated to the variable, with a warning saying to set it before the import.
+    """
+    from huggingface_hub import constants
+
+    wanted = os.environ.get("HF_ENDPOINT", "").rstrip("/")
+    current = constants.ENDPOINT.rstrip("/")
+    if wanted and wanted != current:
+        logger.warning(
+            "HF_ENDPOINT=%s was set after huggingface_hub was imported (it still used %s); "
+            "using %s. Set HF_ENDPOINT before importing huggingface_hub or transformers.",
+            wanted, current, wanted,
+        )
+        constants.ENDPOINT = wanted
+        constants.HUGGINGFACE_CO_URL_TEMPLATE = wanted + "/{repo_id}/resolve/{revision}/{filename}"
+        return wanted
+    return current
 
 
 class PushQueue:
@@ -253,10 +278,10 @@ class HubSync:
     @property
     def api(self) -> Any:
         if self._api is None:
-            from huggingface_hub import HfApi, constants
+            from huggingface_hub import HfApi
 
             self._api = HfApi(
-                endpoint=constants.ENDPOINT,
+                endpoint=hub_endpoint(),
                 token=self.token(required=False) or False,
                 library_name="hf-lifecycle",
                 library_version=__version__,
@@ -265,9 +290,7 @@ class HubSync:
 
     @property
     def repo_url(self) -> str:
-        from huggingface_hub import constants
-
-        return f"{constants.ENDPOINT.rstrip('/')}/{self.repo_id}"
+        return f"{hub_endpoint()}/{self.repo_id}"
 
     def _translate(self, error: BaseException, action: str) -> HubError:
         status = _status(error)
@@ -301,19 +324,31 @@ class HubSync:
     # Pushing ---------------------------------------------------------------------------------
 
     def commit(self, operations: list[Any], message: str) -> Any:
-        """Create one commit on the default branch. Unchanged files are skipped by the client."""
-        self.ensure_repo()
-        try:
-            return self.api.create_commit(
-                self.repo_id,
-                operations=operations,
-                commit_message=message,
-                token=self.token(required=True),
-            )
-        except Exception as err:
-            if is_retryable(err):
-                raise
-            raise self._translate(err, "push to") from err
+        """Create one commit on the default branch. Unchanged files are skipped by the client.
+
+        A repository deleted since this object created it is created again, once per call.
+        """
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        for attempt in (1, 2):
+            self.ensure_repo()
+            try:
+                return self.api.create_commit(
+                    self.repo_id,
+                    operations=operations,
+                    commit_message=message,
+                    token=self.token(required=True),
+                )
+            except RepositoryNotFoundError as err:
+                with self._lock:
+                    self._repo_ready = False
+                if attempt == 2:
+                    raise self._translate(err, "push to") from err
+                logger.warning("Hub repository %s no longer exists; creating it again", self.repo_id)
+            except Exception as err:
+                if is_retryable(err):
+                    raise
+                raise self._translate(err, "push to") from err
 
     def remote_checkpoints(self) -> set[str]:
         """Names of the checkpoint folders the Hub holds."""
@@ -395,7 +430,11 @@ class HubSync:
 
         try:
             local = hf_hub_download(
-                self.repo_id, path_in_repo, revision=revision, token=self.token(required=False)
+                self.repo_id,
+                path_in_repo,
+                revision=revision,
+                token=self.token(required=False),
+                endpoint=hub_endpoint(),
             )
         except EntryNotFoundError:
             return None
@@ -444,6 +483,7 @@ class HubSync:
         snapshot_download(
             self.repo_id,
             revision=revision,
+            endpoint=hub_endpoint(),
             allow_patterns=[f"{folder}/*"],
             local_dir=destination,
             token=self.token(required=False),
