@@ -130,3 +130,18 @@ def test_hostile_hub_manifest_falls_back(hub, repo_id, tmp_path):
     loaded = fresh.load_latest_checkpoint(tiny_model())
 
     assert loaded["name"] == "older"
+
+
+# The repository disappears mid-run ------------------------------------------------------------
+
+
+def test_deleted_repo_push_recreates(hub, repo_id, tmp_path):
+    manager = new_manager(tmp_path, repo_id)
+    manager.save_checkpoint(tiny_model(), name="first")
+    manager.push(push_metadata=False)
+    owner_api().delete_repo(repo_id)
+    manager.save_checkpoint(tiny_model(), name="second")
+
+    manager.push(push_metadata=False)
+
+    assert "checkpoints/second/manifest.json" in repo_files(repo_id)
