@@ -408,3 +408,27 @@ def test_absent_device_map_location_raises(tmp_path):
 
     with pytest.raises(ConfigurationError):
         manager.load_latest_checkpoint(tiny_model(), map_location="cuda")
+
+
+# The final model must not replace other folders ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "runs"])
+def test_final_model_keeps_other_folders(tmp_path, name):
+    manager = HFManager(local_dir=tmp_path / "out", checkpoint_dir=tmp_path / "out" / "checkpoints")
+    manager.save_checkpoint(tiny_model(), name="kept")
+    manager.log_metrics({"loss": 1.0}, step=1)
+
+    with pytest.raises(ConfigurationError):
+        manager.save_final_model(tiny_model(), name=name, format="safetensors")
+
+    assert listed(manager) == ["kept"]
+
+
+def test_final_model_replaces_itself(tmp_path):
+    manager = new_manager(tmp_path)
+    manager.save_final_model(tiny_model(), format="safetensors", config={"hidden": 4})
+
+    folder = Path(manager.save_final_model(tiny_model(), format="pt"))
+
+    assert sorted(path.name for path in folder.iterdir()) == ["pytorch_model.bin"]

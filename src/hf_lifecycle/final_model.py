@@ -30,6 +30,8 @@ from hf_lifecycle.errors import ConfigurationError
 
 SAFETENSORS_WEIGHTS = "model.safetensors"
 PT_WEIGHTS = "pytorch_model.bin"
+# Files that save_model_folder writes, and so the only ones it may replace.
+_MODEL_FILES = frozenset({SAFETENSORS_WEIGHTS, PT_WEIGHTS, "config.json"})
 
 
 def save_model_folder(
@@ -49,6 +51,7 @@ def save_model_folder(
         raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     config_text = config_to_json(config) if config is not None else None
     folder = Path(folder)
+    _check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_path(folder)
     temp.mkdir()
@@ -83,6 +86,27 @@ def save_model_folder(
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return folder
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Raise ConfigurationError unless ``folder`` is absent or holds only a saved model's files.
+
+    Saving replaces the whole folder, so a name that points at the checkpoint folder, the
+    TensorBoard runs or any other data would delete it.
+    """
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise ConfigurationError(
+            f"Cannot save the final model to {folder}: it exists and is not a folder. Pass "
+            f"another name."
+        )
+    others = sorted(entry.name for entry in folder.iterdir() if entry.name not in _MODEL_FILES)
+    if others:
+        raise ConfigurationError(
+            f"Cannot save the final model to {folder}: the folder holds files that saving would "
+            f"delete ({', '.join(others[:5])}). Pass another name, or empty the folder first."
+        )
 
 
 def load_model_weights(
