@@ -432,3 +432,24 @@ def test_final_model_replaces_itself(tmp_path):
     folder = Path(manager.save_final_model(tiny_model(), format="pt"))
 
     assert sorted(path.name for path in folder.iterdir()) == ["pytorch_model.bin"]
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_checkpoint_keeps_foreign_folder(tmp_path, blocking):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "table.csv").write_text("1,2\n")
+    manager = HFManager(local_dir=tmp_path / "out", checkpoint_dir=tmp_path)
+
+    with pytest.raises(ConfigurationError):
+        manager.save_checkpoint(tiny_model(), name="data", blocking=blocking)
+
+    assert (tmp_path / "data" / "table.csv").read_text() == "1,2\n"
+
+
+def test_checkpoint_replaces_checkpoint(tmp_path):
+    manager = new_manager(tmp_path)
+    manager.save_checkpoint(tiny_model(), name="same", step=1)
+
+    manager.save_checkpoint(tiny_model(), name="same", step=2)
+
+    assert manager.list_checkpoints()[0]["step"] == 2

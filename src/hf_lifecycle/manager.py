@@ -396,6 +396,7 @@ class HFManager:
                 return None
         self._writer.wait()  # Raises the previous background save's error, if any.
         name = name or self._default_name(step, epoch)
+        self.store.check_replaceable(name)
         history_length = request.history_length
         if blocking:
             info = self._write_and_commit(

@@ -55,6 +55,7 @@ from hf_lifecycle.errors import (
     CheckpointCorruptedError,
     CheckpointNotFoundError,
     CheckpointSaveError,
+    ConfigurationError,
     InvalidCheckpointNameError,
 )
 
@@ -236,8 +237,22 @@ class CheckpointStore:
 
     # Writing --------------------------------------------------------------------------------
 
+    def check_replaceable(self, name: str) -> None:
+        """Raise ConfigurationError if ``name`` exists in the folder and is not a checkpoint.
+
+        Saving under an existing name replaces that folder, which is right only for a checkpoint.
+        """
+        target = self.root / validate_name(name, self.root)
+        if not target.exists() and not target.is_symlink():
+            return
+        if target.is_symlink() or not (target / MANIFEST_NAME).is_file():
+            raise ConfigurationError(
+                f"{target} exists and is not a checkpoint, so saving checkpoint {name!r} would "
+                f"delete it. Pass another name, or move that folder out of {self.root}."
+            )
+
     def begin(self, name: str) -> PendingCheckpoint:
-        validate_name(name, self.root)
+        self.check_replaceable(name)
         suffix = f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         temp_dir = self.root / f"{_TEMP_PREFIX}{name}-{suffix}"
         temp_dir.mkdir()
@@ -271,6 +286,7 @@ class CheckpointStore:
             final = self.root / pending.name
             replaced = final.exists()
             if replaced:
+                self.check_replaceable(pending.name)
                 self._replace(pending.temp_dir, final)
             else:
                 os.rename(pending.temp_dir, final)
@@ -337,6 +353,7 @@ class CheckpointStore:
             fsync_dir(source)
             final = self.root / name
             if final.exists():
+                self.check_replaceable(name)
                 self._replace(source, final)
             else:
                 os.rename(source, final)
