@@ -453,3 +453,24 @@ def test_checkpoint_replaces_checkpoint(tmp_path):
     manager.save_checkpoint(tiny_model(), name="same", step=2)
 
     assert manager.list_checkpoints()[0]["step"] == 2
+
+
+# A damaged index -------------------------------------------------------------------------------
+
+BAD_INDEX_ENTRIES = {
+    "sequence a str": {"sequence": "x"},
+    "sequence missing": {"sequence": None},
+    "metrics a list": {"metrics": [1]},
+}
+
+
+@pytest.mark.parametrize("change", BAD_INDEX_ENTRIES.values(), ids=BAD_INDEX_ENTRIES.keys())
+def test_bad_index_entry_rebuilt(tmp_path, change):
+    manager = two_checkpoints(tmp_path)
+    index_path = manager.checkpoint_dir / ".index.json"
+    index = json.loads(index_path.read_text())
+    index["entries"][0].update(change)
+    index["entries"][0] = {key: value for key, value in index["entries"][0].items() if value is not None}
+    index_path.write_text(json.dumps(index))
+
+    assert listed(new_manager(tmp_path)) == ["bad", "good"]

@@ -496,12 +496,18 @@ class CheckpointStore:
                 data = json.load(handle)
             for entry in data["entries"]:
                 name = entry["name"]
+                # The index holds the manifests' listing fields, so they get the same checks.
+                if not isinstance(name, str) or not isinstance(entry["sequence"], int):
+                    raise ValueError(f"invalid name or sequence in the entry {entry!r:.200}")
+                invalid = _invalid_listing_field(entry)
+                if invalid is not None:
+                    raise ValueError(f"invalid {invalid!r} in the entry of {name!r}")
                 self._identities[name] = list(entry.pop("identity"))
                 self._entries[name] = entry
             self._retired = {name for name in data.get("retired", []) if isinstance(name, str)}
         except FileNotFoundError:
             pass
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
             logger.warning("Rebuilding unreadable checkpoint index %s: %s", self.root / INDEX_NAME, err)
             self._entries.clear()
             self._identities.clear()
