@@ -6,8 +6,11 @@ Everything runs against the session's LocalHub over HTTP with the real huggingfa
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import torch
@@ -145,3 +148,33 @@ def test_deleted_repo_push_recreates(hub, repo_id, tmp_path):
     manager.push(push_metadata=False)
 
     assert "checkpoints/second/manifest.json" in repo_files(repo_id)
+
+
+# The server ----------------------------------------------------------------------------------
+
+
+def post(hub, path: str, body: bytes) -> int:
+    """Send an authenticated POST to ``hub`` and return the reply's status."""
+    address = urlsplit(hub.endpoint)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    try:
+        connection.request("POST", path, body=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
+
+
+def test_server_deep_json_body_rejected(hub, repo_id):
+    owner_api().create_repo(repo_id)
+
+    assert post(hub, f"/api/models/{repo_id}/preupload/main", DEEP_JSON) == 400
+
+
+def test_server_deep_commit_line_rejected(hub, repo_id):
+    owner_api().create_repo(repo_id)
+    header = json.dumps({"key": "header", "value": {"summary": "deep"}}).encode()
+
+    assert post(hub, f"/api/models/{repo_id}/commit/main", header + b"\n" + DEEP_JSON) == 400

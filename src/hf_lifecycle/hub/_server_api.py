@@ -45,7 +45,7 @@ class Request:
             return {}
         try:
             return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise bad_request(f"Invalid JSON body: {err}.") from err
 
 

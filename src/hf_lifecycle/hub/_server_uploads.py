@@ -247,7 +247,7 @@ class UploadEndpoints(RepoEndpoints):
         for number, line in enumerate(lines, start=1):
             try:
                 item = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
                 raise bad_request(
                     f"Invalid JSON on line {number} of the commit body: {err}."
                 ) from err
