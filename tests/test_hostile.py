@@ -474,3 +474,34 @@ def test_bad_index_entry_rebuilt(tmp_path, change):
     index_path.write_text(json.dumps(index))
 
     assert listed(new_manager(tmp_path)) == ["bad", "good"]
+
+
+class Killed(BaseException):
+    """Stands for the process dying at the point where it is raised."""
+
+
+def test_final_model_replace_without_exchange(tmp_path, monkeypatch):
+    # Where renameat2(RENAME_EXCHANGE) is missing (macOS, NFS), the old folder is removed by
+    # rmtree; dying during that removal must still leave a complete final model.
+    import shutil
+
+    from hf_lifecycle import final_model
+
+    manager = new_manager(tmp_path)
+    manager.save_final_model(tiny_model(), format="safetensors")
+    monkeypatch.setattr(final_model, "_rename_exchange", lambda source, target: False)
+    remove = shutil.rmtree
+    calls = []
+
+    def remove_then_die(path, *args, **kwargs):
+        remove(path, *args, **kwargs)
+        calls.append(path)
+        if len(calls) == 1:
+            raise Killed()
+
+    monkeypatch.setattr(final_model.shutil, "rmtree", remove_then_die)
+
+    with pytest.raises(Killed):
+        manager.save_final_model(tiny_model(), format="safetensors")
+
+    assert (manager.local_dir / "final_model" / "model.safetensors").is_file()

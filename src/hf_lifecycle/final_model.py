@@ -78,8 +78,11 @@ def save_model_folder(
         fsync_dir(temp)
         if folder.exists():
             if not _rename_exchange(temp, folder):
-                shutil.rmtree(folder)
+                # Two renames, so the slow removal runs only once the new folder is in place.
+                aside = temp_path(folder)
+                os.rename(folder, aside)
                 os.rename(temp, folder)
+                temp = aside
         else:
             os.rename(temp, folder)
         fsync_dir(folder.parent)
