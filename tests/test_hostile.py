@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -505,3 +506,48 @@ def test_final_model_replace_without_exchange(tmp_path, monkeypatch):
         manager.save_final_model(tiny_model(), format="safetensors")
 
     assert (manager.local_dir / "final_model" / "model.safetensors").is_file()
+
+
+# Threads sharing one manager ------------------------------------------------------------------
+
+
+def test_threads_background_saves_all_commit(tmp_path, monkeypatch):
+    from hf_lifecycle import manager as manager_module
+
+    manager = new_manager(tmp_path, async_save=True)
+    first_done = threading.Event()
+    commit = manager.store.commit
+
+    def gated_commit(pending, manifest):
+        if pending.name == "first":
+            first_done.wait(10)
+        return commit(pending, manifest)
+
+    snapshot = manager_module.snapshot_state
+
+    def slow_snapshot(state, buffers):
+        # Long enough for both threads to see the writer idle before either submits.
+        time.sleep(0.2)
+        return snapshot(state, buffers)
+
+    manager.store.commit = gated_commit
+    manager.save_checkpoint(tiny_model(), name="first")
+    monkeypatch.setattr(manager_module, "snapshot_state", slow_snapshot)
+    errors = []
+
+    def save(name: str) -> None:
+        try:
+            manager.save_checkpoint(tiny_model(), name=name)
+        except Exception as err:  # noqa: BLE001 - collected for the assert
+            errors.append(err)
+
+    threads = [threading.Thread(target=save, args=(name,)) for name in ("second", "third")]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)  # Both threads now wait for "first".
+    first_done.set()
+    for thread in threads:
+        thread.join(10)
+    manager.wait_for_checkpoints()
+
+    assert errors == []

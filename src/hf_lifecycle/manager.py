@@ -10,6 +10,7 @@ import numbers
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -159,8 +160,8 @@ class HFManager:
     :meth:`set_scheduler`; an object passed explicitly is always used, even a
     falsy one such as an empty ``nn.Sequential``.
 
-    Concurrency: one manager may be used from several threads; commits and
-    deletions in a checkpoint folder are serialized. Several processes may read
+    Concurrency: one manager may be used from several threads. Their saves take
+    turns, and commits and deletions in a checkpoint folder are serialized. Several processes may read
     one checkpoint folder, but only one manager should save into it at a time.
 
     Distributed runs: with an initialized ``torch.distributed`` process group,
@@ -231,6 +232,7 @@ class HFManager:
         self.async_save = bool(async_save)
         self._warned_sync = False
         self._writer = BackgroundWriter()
+        self._save_lock = threading.Lock()
         if isinstance(push_retries, bool) or not isinstance(push_retries, int) or push_retries < 0:
             raise ConfigurationError(f"push_retries must be an int >= 0, got {push_retries!r}.")
         self._push_retries = push_retries
@@ -390,32 +392,39 @@ class HFManager:
         state, step, epoch = request.state, request.step, request.epoch
         checked_metrics, name, push = request.metrics, request.name, request.push
         blocking = not self.async_save if blocking is None else bool(blocking)
-        if self._writer.busy:
-            if skip_if_busy:
+        # Threads take turns from here to the submit: otherwise two of them could both see the
+        # writer idle, and share its snapshot buffers.
+        if not self._save_lock.acquire(blocking=not skip_if_busy):
+            logger.info("Skipped a checkpoint save: another thread is starting one")
+            return None
+        try:
+            if self._writer.busy and skip_if_busy:
                 logger.info("Skipped a checkpoint save: the previous one is still being written")
                 return None
-        self._writer.wait()  # Raises the previous background save's error, if any.
-        name = name or self._default_name(step, epoch)
-        self.store.check_replaceable(name)
-        history_length = request.history_length
-        if blocking:
-            info = self._write_and_commit(
-                name, state, step=step, epoch=epoch, metrics=checked_metrics,
-                history_length=history_length,
-            )
-            self._after_commit(info, push=push)
-            return info.path
-        snapshot = snapshot_state(state, self._writer.buffers)
+            self._writer.wait()  # Raises the previous background save's error, if any.
+            name = name or self._default_name(step, epoch)
+            self.store.check_replaceable(name)
+            history_length = request.history_length
+            if blocking:
+                info = self._write_and_commit(
+                    name, state, step=step, epoch=epoch, metrics=checked_metrics,
+                    history_length=history_length,
+                )
+                self._after_commit(info, push=push)
+                return info.path
+            snapshot = snapshot_state(state, self._writer.buffers)
 
-        def job() -> None:
-            info = self._write_and_commit(
-                name, snapshot, step=step, epoch=epoch, metrics=checked_metrics,
-                history_length=history_length,
-            )
-            self._after_commit(info, push=push)
+            def job() -> None:
+                info = self._write_and_commit(
+                    name, snapshot, step=step, epoch=epoch, metrics=checked_metrics,
+                    history_length=history_length,
+                )
+                self._after_commit(info, push=push)
 
-        self._writer.submit(name, job)
-        return str(self.checkpoint_dir / name)
+            self._writer.submit(name, job)
+            return str(self.checkpoint_dir / name)
+        finally:
+            self._save_lock.release()
 
     def _prepare_save(
         self, model, optimizer, scheduler, epoch, step, metrics, custom_state, config, name, push,
