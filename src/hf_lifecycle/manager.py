@@ -161,8 +161,9 @@ class HFManager:
     falsy one such as an empty ``nn.Sequential``.
 
     Concurrency: one manager may be used from several threads. Their saves take
-    turns, and commits and deletions in a checkpoint folder are serialized. Several processes may read
-    one checkpoint folder, but only one manager should save into it at a time.
+    turns, and commits and deletions in a checkpoint folder are serialized.
+    Several processes may read one checkpoint folder, but only one manager should
+    save into it at a time.
 
     Distributed runs: with an initialized ``torch.distributed`` process group,
     every rank creates the manager with the same arguments and makes the same
