@@ -383,6 +383,9 @@ class HubSync:
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for background pushes; raise PushError for any that failed."""
+        # NOTE: huggingface_hub 2.4 sends commit and upload requests without a read timeout, so
+        # with timeout=None a server that accepts a request and never answers blocks this wait,
+        # and close() and push() with it, until the connection drops.
         finished = self.queue.wait(timeout)
         failures = self.queue.take_failures()
         if failures:
