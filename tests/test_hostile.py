@@ -8,6 +8,7 @@ structure checks stand between its content and the caller.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 import time
@@ -551,3 +552,27 @@ def test_threads_background_saves_all_commit(tmp_path, monkeypatch):
     manager.wait_for_checkpoints()
 
     assert errors == []
+
+
+# Files that are not regular files ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("filename", ["custom_state.json", "model.safetensors"])
+def test_fifo_in_checkpoint_load_raises(tmp_path, filename):
+    manager = two_checkpoints(tmp_path)
+    path = manager.checkpoint_dir / "bad" / filename
+    path.unlink()
+    os.mkfifo(path)  # Opening a FIFO for reading waits for a writer that never comes.
+    outcome = []
+
+    def load() -> None:
+        try:
+            manager.load_checkpoint("bad", tiny_model())
+        except Exception as err:  # noqa: BLE001 - checked below
+            outcome.append(err)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    loader.join(10)
+
+    assert isinstance(outcome[0] if outcome else None, CheckpointCorruptedError)

@@ -19,6 +19,7 @@ import errno
 import io
 import json
 import os
+import stat
 import struct
 import sys
 import threading
@@ -388,14 +389,28 @@ def checksum_file(path: str | os.PathLike[str]) -> FileRecord:
     return FileRecord(size=size, checksum=hasher.hexdigest())
 
 
+def _open_regular(path: str) -> io.FileIO:
+    """Open a checkpoint file for reading. Raise corruption unless it is a regular file.
+
+    ``O_NONBLOCK`` keeps the open of a FIFO planted in a checkpoint folder from waiting forever
+    for a writer. It changes nothing for regular files.
+    """
+    flags = os.O_RDONLY | _O_BINARY | _O_CLOEXEC | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise _corrupted(path, "the file is missing") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _corrupted(path, "it is not a regular file")
+    return io.FileIO(fd, "rb")
+
+
 def read_verified_bytes(path: str | os.PathLike[str], expected: FileRecord | None) -> bytes:
     """Read a small file whole and check it against its manifest record."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        raise _corrupted(path, "the file is missing") from None
+    with _open_regular(path) as handle:
+        data = handle.readall()
     if expected is not None:
         if len(data) != expected.size:
             raise _corrupted(path, f"size is {len(data)} bytes, the manifest records {expected.size}")
@@ -454,11 +469,7 @@ def read_tensors(
     before a tensor is built.
     """
     path = os.fspath(path)
-    try:
-        handle = open(path, "rb", buffering=0)
-    except FileNotFoundError:
-        raise _corrupted(path, "the file is missing") from None
-    with handle:
+    with _open_regular(path) as handle:
         file_size = os.fstat(handle.fileno()).st_size
         if expected is not None and file_size != expected.size:
             raise _corrupted(
