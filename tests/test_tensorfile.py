@@ -353,3 +353,25 @@ def test_parallel_read_error_is_raised(tmp_path, monkeypatch, small_chunks):
         read_tensors(path, record)
     assert raised.value.errno == errno.EIO
     assert not read_threads_alive()
+
+
+def test_header_matches_json_dumps():
+    tensors = {key: tensor.contiguous() for key, tensor in sample_tensors().items()}
+    tensors["naïve \"quoted\" key"] = torch.ones(2)
+    metadata = {"format": "pt", "note": "ünïcode"}
+    header, order = tensorfile.build_header(tensors, metadata)
+    expected: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for key in order:
+        end = offset + tensors[key].numel() * tensors[key].element_size()
+        expected[key] = {
+            "dtype": tensorfile.DTYPE_TO_CODE[tensors[key].dtype],
+            "shape": list(tensors[key].shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    encoded = json.dumps(expected, separators=(",", ":")).encode("utf-8")
+    (length,) = struct.unpack("<Q", header[:8])
+    assert header[8 : 8 + len(encoded)] == encoded
+    assert header[8 + len(encoded) :] == b" " * (length - len(encoded))
+    assert length % 8 == 0

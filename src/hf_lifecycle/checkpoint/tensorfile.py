@@ -138,7 +138,8 @@ def _prepare(key: str, tensor: object) -> torch.Tensor:
             f"cast it to a supported dtype first.",
             key=key,
         )
-    tensor = tensor.detach()
+    if tensor.requires_grad:
+        tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.to("cpu")
     if not tensor.is_contiguous():
@@ -156,20 +157,24 @@ def build_header(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
 ) -> tuple[bytes, list[str]]:
     order = _layout(tensors)
-    header: dict[str, object] = {}
+    # The JSON is assembled as text, byte for byte what json.dumps(separators=(",", ":")) makes
+    # of the equivalent dict. A dict and two lists per tensor would be garbage-collector-tracked
+    # objects, and for thousands of tensors they set off full collections in the middle of a save.
+    entries = []
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        text = json.dumps({str(k): str(v) for k, v in metadata.items()}, separators=(",", ":"))
+        entries.append(f'"__metadata__":{text}')
     offset = 0
     for key in order:
         tensor = tensors[key]
-        nbytes = tensor.numel() * tensor.element_size()
-        header[key] = {
-            "dtype": DTYPE_TO_CODE[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        end = offset + tensor.numel() * tensor.element_size()
+        shape = ",".join(map(str, tensor.shape))
+        entries.append(
+            f'{json.dumps(str(key))}:{{"dtype":"{DTYPE_TO_CODE[tensor.dtype]}",'
+            f'"shape":[{shape}],"data_offsets":[{offset},{end}]}}'
+        )
+        offset = end
+    encoded = ("{" + ",".join(entries) + "}").encode("utf-8")
     # Pad with spaces so the data section starts on an 8-byte boundary, as safetensors does.
     encoded += b" " * ((8 - len(encoded) % 8) % 8)
     return struct.pack("<Q", len(encoded)) + encoded, order
