@@ -576,3 +576,97 @@ def test_fifo_in_checkpoint_load_raises(tmp_path, filename):
     loader.join(10)
 
     assert isinstance(outcome[0] if outcome else None, CheckpointCorruptedError)
+
+
+# Sharded (DCP) checkpoints must not unpickle ---------------------------------------------------
+
+
+class RunsCommand:
+    """A pickle payload: unpickling it runs a shell command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+class WithExtraState(torch.nn.Module):
+    """A model whose state dict holds a non-tensor entry, which DCP stores as pickled bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+        self.extra = "kept"
+
+    def get_extra_state(self):
+        return self.extra
+
+    def set_extra_state(self, state) -> None:
+        self.extra = state
+
+
+def plant_sharded(folder: Path, model_state: dict, metadata: object = None) -> None:
+    """Turn a checkpoint into a sharded one holding ``model_state``, optionally with the DCP
+    metadata file replaced by the pickle of ``metadata``."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from hf_lifecycle.distributed import SHARDED_FOLDER, SHARDED_FORMAT
+
+    dcp.save({"model": model_state}, checkpoint_id=folder / SHARDED_FOLDER, no_dist=True)
+    if metadata is not None:
+        (folder / SHARDED_FOLDER / ".metadata").write_bytes(pickle.dumps(metadata))
+    files = {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted((folder / SHARDED_FOLDER).rglob("*"))
+        if path.is_file()
+    }
+
+    def edit(manifest):
+        manifest["components"]["sharded"] = {
+            "format": SHARDED_FORMAT, "contents": ["model"], "world_size": 1, "files": sorted(files),
+        }
+        del manifest["components"]["model"]
+
+    craft(folder, files=files, edit=edit)
+
+
+def test_sharded_metadata_never_unpickled(tmp_path):
+    marker = tmp_path / "ran"
+    manager = new_manager(tmp_path)
+    folder = Path(manager.save_checkpoint(WithExtraState(), name="sharded"))
+    plant_sharded(folder, WithExtraState().state_dict(), RunsCommand(f"touch {marker}"))
+
+    with pytest.raises(CheckpointCorruptedError):
+        manager.load_checkpoint("sharded", WithExtraState())
+
+    assert not marker.exists()
+
+
+def test_sharded_bytes_never_unpickled(tmp_path):
+    marker = tmp_path / "ran"
+    manager = new_manager(tmp_path)
+    folder = Path(manager.save_checkpoint(WithExtraState(), name="sharded"))
+    state = WithExtraState().state_dict()
+    state["_extra_state"] = RunsCommand(f"touch {marker}")
+    plant_sharded(folder, state)
+
+    with pytest.raises(CheckpointCorruptedError):
+        manager.load_checkpoint("sharded", WithExtraState())
+
+    assert not marker.exists()
+
+
+def test_sharded_extra_state_loads(tmp_path):
+    manager = new_manager(tmp_path)
+    folder = Path(manager.save_checkpoint(WithExtraState(), name="sharded"))
+    saved = WithExtraState()
+    saved.extra = "saved"
+    plant_sharded(folder, saved.state_dict())
+    model = WithExtraState()
+
+    manager.load_checkpoint("sharded", model)
+
+    assert model.extra == "saved"

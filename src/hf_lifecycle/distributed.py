@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import functools
 import logging
+import pickle
 import re
 import threading
 import warnings
@@ -403,6 +404,13 @@ def load_sharded(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
+    from hf_lifecycle._safe_dcp import (
+        METADATA_NAME,
+        SafeFileSystemReader,
+        SafeLoadPlanner,
+        read_metadata,
+    )
+
     contents = entry.get("contents") or []
     if model is None:
         logger.warning(
@@ -415,13 +423,39 @@ def load_sharded(
         logger.warning(
             "Checkpoint %s contains no optimizer state; the optimizer is unchanged", folder.name
         )
+    sharded_folder = folder / SHARDED_FOLDER
+    try:
+        # Checked here too, so that a crafted file fails before any tensor is copied.
+        read_metadata(sharded_folder / METADATA_NAME)
+    except (pickle.UnpicklingError, OSError, EOFError, AttributeError, ValueError) as err:
+        raise CheckpointCorruptedError(
+            f"Checkpoint {folder} is corrupted: its DCP metadata cannot be read safely ({err}).",
+            path=str(folder),
+            file=str(sharded_folder / METADATA_NAME),
+        ) from err
     state = sharded_state(model, optimizer if with_optimizer else None)
     with warnings.catch_warnings():
         # torch 2.13 warns that it assumes a single process even when no_dist=True requests it.
         warnings.filterwarnings(
             "ignore", message="torch.distributed is disabled", category=UserWarning
         )
-        dcp.load(state, checkpoint_id=folder / SHARDED_FOLDER, no_dist=not is_distributed())
+        try:
+            dcp.load(
+                state,
+                checkpoint_id=sharded_folder,
+                storage_reader=SafeFileSystemReader(sharded_folder),
+                planner=SafeLoadPlanner(),
+                no_dist=not is_distributed(),
+            )
+        except _checkpoint_exception() as err:
+            causes = [failure[0] for failure in err.failures.values()]
+            if not causes or not all(isinstance(cause, pickle.UnpicklingError) for cause in causes):
+                raise
+            raise CheckpointCorruptedError(
+                f"Checkpoint {folder} is corrupted: a value in its DCP files is not plain data "
+                f"({_describe(causes[0])}).",
+                path=str(folder),
+            ) from err
     if with_optimizer:
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
