@@ -57,7 +57,7 @@ def two_checkpoints(tmp_path: Path) -> HFManager:
 
 
 def craft(folder: Path, *, files: dict[str, bytes] | None = None, edit=None) -> None:
-    """Replace files of a committed checkpoint and edit its manifest, keeping every checksum valid."""
+    """Replace files of a committed checkpoint and edit its manifest, keeping checksums valid."""
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
     for relative, data in (files or {}).items():
         (folder / relative).unlink(missing_ok=True)
@@ -135,7 +135,9 @@ HOSTILE_FILES = {
     "dict item not a pair": {"custom_state.json": b'{"__type__": "dict", "items": [[1]]}'},
     "dict key unhashable": {"custom_state.json": b'{"__type__": "dict", "items": [[[1], 2]]}'},
     "tensor key a list": {"custom_state.json": b'{"__type__": "tensor", "key": [1]}'},
-    "ndarray unknown dtype": {"custom_state.json": b'{"__type__": "ndarray", "key": "k", "dtype": "zz"}'},
+    "ndarray unknown dtype": {
+        "custom_state.json": b'{"__type__": "ndarray", "key": "k", "dtype": "zz"}'
+    },
     "optimizer not a dict": {"optimizer.json": b"[1, 2]"},
     "optimizer without groups": {"optimizer.json": b'{"state": {}}'},
     "optimizer group a number": {"optimizer.json": b'{"state": {}, "param_groups": [5]}'},
@@ -196,8 +198,13 @@ def safetensors_file(path: Path, header: bytes, data: bytes = b"") -> Path:
 HOSTILE_HEADERS = {
     "deep list": (deep(), b""),
     "deep object": (deep_object(), b""),
-    "float offsets": (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0.5, 4.5]}}', b"\0" * 8),
-    "huge empty shape": (b'{"t": {"dtype": "F32", "shape": [0, 1180591620717411303424], "data_offsets": [0, 0]}}', b""),
+    "float offsets": (
+        b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0.5, 4.5]}}', b"\0" * 8
+    ),
+    "huge empty shape": (
+        b'{"t": {"dtype": "F32", "shape": [0, 1180591620717411303424], "data_offsets": [0, 0]}}',
+        b"",
+    ),
     "float shape": (b'{"t": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}', b"\0" * 4),
     "shape a str": (b'{"t": {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}}', b"\0" * 4),
 }
@@ -221,8 +228,8 @@ def commit_one(store: CheckpointStore, name: str) -> None:
 
 
 def test_second_store_waits_for_commit(tmp_path):
-    # The first store pauses between choosing its sequence number and renaming its folder; a
-    # second store (as in a second process) must not commit the same number meanwhile.
+    # The first store pauses between choosing its sequence number and renaming its folder. A
+    # second store, as in a second process, must not commit the same number meanwhile.
     first, second = CheckpointStore(tmp_path), CheckpointStore(tmp_path)
     chosen, release = threading.Event(), threading.Event()
     choose = first.next_sequence
@@ -472,7 +479,8 @@ def test_bad_index_entry_rebuilt(tmp_path, change):
     index_path = manager.checkpoint_dir / ".index.json"
     index = json.loads(index_path.read_text())
     index["entries"][0].update(change)
-    index["entries"][0] = {key: value for key, value in index["entries"][0].items() if value is not None}
+    entry = index["entries"][0]
+    index["entries"][0] = {key: value for key, value in entry.items() if value is not None}
     index_path.write_text(json.dumps(index))
 
     assert listed(new_manager(tmp_path)) == ["bad", "good"]
@@ -592,7 +600,7 @@ class RunsCommand:
 
 
 class WithExtraState(torch.nn.Module):
-    """A model whose state dict holds a non-tensor entry, which DCP stores as pickled bytes."""
+    """A model whose state dict contains a non-tensor entry, which DCP stores as pickled bytes."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -626,7 +634,10 @@ def plant_sharded(folder: Path, model_state: dict, metadata: object = None) -> N
 
     def edit(manifest):
         manifest["components"]["sharded"] = {
-            "format": SHARDED_FORMAT, "contents": ["model"], "world_size": 1, "files": sorted(files),
+            "format": SHARDED_FORMAT,
+            "contents": ["model"],
+            "world_size": 1,
+            "files": sorted(files),
         }
         del manifest["components"]["model"]
 

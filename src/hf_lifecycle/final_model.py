@@ -107,7 +107,7 @@ def _check_replaceable(folder: Path) -> None:
     others = sorted(entry.name for entry in folder.iterdir() if entry.name not in _MODEL_FILES)
     if others:
         raise ConfigurationError(
-            f"Cannot save the final model to {folder}: the folder holds files that saving would "
+            f"Cannot save the final model to {folder}: the folder contains files that saving would "
             f"delete ({', '.join(others[:5])}). Pass another name, or empty the folder first."
         )
 

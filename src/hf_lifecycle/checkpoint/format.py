@@ -98,7 +98,7 @@ def check_has_data(key: str, tensor: torch.Tensor) -> None:
     """Raise SerializationError for a tensor on the meta device, which has a shape but no data."""
     if tensor.device.type == "meta":
         raise SerializationError(
-            f"{key} is a tensor on the meta device, which holds no data to save. Materialize "
+            f"{key} is a tensor on the meta device, which has no data to save. Materialize "
             f"it first, for example with module.to_empty(device='cpu') and then loading weights.",
             key=key,
         )
@@ -276,7 +276,7 @@ def check_component(name: str, value: Any) -> None:
     there would leave the run half restored.
     """
     if name == "rng_state":
-        # A list holds one state per rank. Each is tried on new generators, never the global ones.
+        # A list contains one state per rank. Each is tried on new generators, not the global ones.
         for state in value if isinstance(value, list) else [value]:
             _check_rng_state(state)
         return

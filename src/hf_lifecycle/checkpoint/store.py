@@ -496,7 +496,7 @@ class CheckpointStore:
                 data = json.load(handle)
             for entry in data["entries"]:
                 name = entry["name"]
-                # The index holds the manifests' listing fields, so they get the same checks.
+                # The index contains the manifests' listing fields, so they get the same checks.
                 if not isinstance(name, str) or not isinstance(entry["sequence"], int):
                     raise ValueError(f"invalid name or sequence in the entry {entry!r:.200}")
                 invalid = _invalid_listing_field(entry)

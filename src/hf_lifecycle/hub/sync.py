@@ -344,7 +344,9 @@ class HubSync:
                     self._repo_ready = False
                 if attempt == 2:
                     raise self._translate(err, "push to") from err
-                logger.warning("Hub repository %s no longer exists; creating it again", self.repo_id)
+                logger.warning(
+                    "Hub repository %s no longer exists; creating it again", self.repo_id
+                )
             except Exception as err:
                 if is_retryable(err):
                     raise
@@ -378,13 +380,14 @@ class HubSync:
                 logger.warning("Skipping checkpoint %s on the Hub: %s", name, err)
                 continue
             if isinstance(manifest, dict):
-                order.append((_number(manifest.get("sequence")), _number(manifest.get("timestamp")), name))
+                sequence = _number(manifest.get("sequence"))
+                order.append((sequence, _number(manifest.get("timestamp")), name))
         return [name for *_, name in sorted(order, reverse=True)]
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for background pushes; raise PushError for any that failed."""
         # NOTE: huggingface_hub 2.4 sends commit and upload requests without a read timeout, so
-        # with timeout=None a server that accepts a request and never answers blocks this wait,
+        # with timeout=None a server that accepts a request and never replies blocks this wait,
         # and close() and push() with it, until the connection drops.
         finished = self.queue.wait(timeout)
         failures = self.queue.take_failures()
