@@ -681,3 +681,23 @@ def test_sharded_extra_state_loads(tmp_path):
     manager.load_checkpoint("sharded", model)
 
     assert model.extra == "saved"
+
+
+# A damaged metadata file in local_dir ---------------------------------------------------------
+
+BAD_METADATA = {
+    "nested too deeply": lambda data: "[" * 100_000 + "]" * 100_000,
+    "final model a str": lambda data: json.dumps(dict(data, final_model="x")),
+}
+
+
+@pytest.mark.parametrize("rewrite", BAD_METADATA.values(), ids=BAD_METADATA.keys())
+def test_bad_metadata_save_works(tmp_path, rewrite):
+    manager = new_manager(tmp_path)
+    path = Path(manager.save_metadata())
+    path.write_text(rewrite(json.loads(path.read_text())))
+    fresh = new_manager(tmp_path)
+
+    fresh.save_checkpoint(tiny_model(), name="after")
+
+    assert listed(fresh) == ["after"]

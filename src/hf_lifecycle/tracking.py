@@ -975,7 +975,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         with open(target, encoding="utf-8") as handle:
             data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ConfigurationError(
             f"{target} is not valid metadata: it is not UTF-8 JSON ({err})."
         ) from err
@@ -1008,6 +1008,10 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
                 f"{target} is not valid metadata: {key!r} must be a JSON "
                 f"{'object' if expected is dict else 'array'}."
             )
+    if not isinstance(data.get("final_model"), (dict, type(None))):
+        raise ConfigurationError(
+            f"{target} is not valid metadata: 'final_model' must be a JSON object or null."
+        )
     for name, records in data.get("metrics_history", {}).items():
         if not isinstance(records, list):
             raise ConfigurationError(
