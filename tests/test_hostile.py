@@ -701,3 +701,22 @@ def test_bad_metadata_save_works(tmp_path, rewrite):
     fresh.save_checkpoint(tiny_model(), name="after")
 
     assert listed(fresh) == ["after"]
+
+
+def test_read_only_folder_save_error(tmp_path, monkeypatch):
+    import errno
+
+    from hf_lifecycle import CheckpointSaveError
+
+    manager = new_manager(tmp_path)
+    make_folder = Path.mkdir
+
+    def read_only_mkdir(self, *args, **kwargs):
+        if self.name.startswith(".tmp-"):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return make_folder(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only_mkdir)
+
+    with pytest.raises(CheckpointSaveError):
+        manager.save_checkpoint(tiny_model(), name="x")

@@ -524,15 +524,17 @@ class HFManager:
     def _write_and_commit(
         self, name, state, *, step, epoch, metrics, history_length
     ) -> CheckpointInfo:
-        pending = self.store.begin(name)
+        pending = None
         try:
+            pending = self.store.begin(name)
             components = write_state(pending, state)
             manifest = self._manifest(
                 components, step=step, epoch=epoch, metrics=metrics, history_length=history_length
             )
             return self.store.commit(pending, manifest)
         except OSError as err:
-            self.store.abort(pending)
+            if pending is not None:
+                self.store.abort(pending)
             raise CheckpointSaveError(
                 f"Saving checkpoint {name!r} in {self.checkpoint_dir} failed: {err}. Nothing was "
                 f"committed and no earlier checkpoint was touched; free space or fix permissions "
@@ -540,7 +542,8 @@ class HFManager:
                 path=str(self.checkpoint_dir / name),
             ) from err
         except BaseException:
-            self.store.abort(pending)
+            if pending is not None:
+                self.store.abort(pending)
             raise
 
     @staticmethod
