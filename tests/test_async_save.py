@@ -1,0 +1,214 @@
+"""Asynchronous saves: exact snapshots, crash safety, and errors raised where the caller waits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_lifecycle.manager as manager_module
+from hf_lifecycle import CheckpointSaveError, HFManager, KeepLastN
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    loss = model(torch.randn(8, 16)).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def new_manager(tmp_path: Path, **options) -> HFManager:
+    return HFManager(local_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", **options)
+
+
+def state_copy(module_or_optimizer) -> dict:
+    state = module_or_optimizer.state_dict()
+    if "state" in state:
+        return {
+            index: {key: value.clone() for key, value in entry.items()}
+            for index, entry in state["state"].items()
+        }
+    return {key: value.clone() for key, value in state.items()}
+
+
+def test_snapshot_ignores_later_changes(tmp_path):
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    train_step(model, optimizer)
+    manager = new_manager(tmp_path, model=model, optimizer=optimizer, async_save=True)
+    weights = state_copy(model)
+    moments = state_copy(optimizer)
+
+    manager.save_checkpoint(step=1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    train_step(model, optimizer)
+    manager.wait_for_checkpoints()
+
+    fresh = make_model()
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    manager.load_checkpoint("checkpoint-step-1", fresh, fresh_optimizer)
+    for key, value in weights.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    for index, entry in moments.items():
+        for key, value in entry.items():
+            assert torch.equal(fresh_optimizer.state_dict()["state"][index][key], value), key
+
+
+def test_async_returns_final_path(tmp_path):
+    manager = new_manager(tmp_path, model=make_model())
+
+    path = manager.save_checkpoint(step=3, blocking=False)
+    manager.wait_for_checkpoints()
+
+    assert path == str(manager.checkpoint_dir / "checkpoint-step-3")
+    assert (Path(path) / "manifest.json").is_file()
+
+
+def test_retention_runs_after_async_commit(tmp_path):
+    manager = new_manager(tmp_path, model=make_model(), async_save=True,
+                          retention_policy=KeepLastN(2))
+
+    for step in range(1, 5):
+        manager.save_checkpoint(step=step)
+    manager.close()
+
+    names = [entry["name"] for entry in manager.list_checkpoints()]
+    assert names == ["checkpoint-step-4", "checkpoint-step-3"]
+
+
+def failing_write(monkeypatch) -> threading.Event:
+    """Make every write fail with ENOSPC; the returned event is set once one has failed."""
+    failed = threading.Event()
+
+    def broken(*args, **kwargs):
+        failed.set()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manager_module, "write_state", broken)
+    return failed
+
+
+def test_worker_error_raised_by_wait(tmp_path, monkeypatch):
+    manager = new_manager(tmp_path, model=make_model())
+    manager.save_checkpoint(step=1)
+    failing_write(monkeypatch)
+
+    manager.save_checkpoint(step=2, blocking=False)
+
+    with pytest.raises(CheckpointSaveError) as caught:
+        manager.wait_for_checkpoints()
+    assert "No space left" in str(caught.value)
+    assert [entry["name"] for entry in manager.list_checkpoints()] == ["checkpoint-step-1"]
+
+
+def test_worker_error_raised_by_next_save(tmp_path, monkeypatch):
+    manager = new_manager(tmp_path, model=make_model())
+    failed = failing_write(monkeypatch)
+    manager.save_checkpoint(step=1, blocking=False)
+    assert failed.wait(30)
+    monkeypatch.undo()
+
+    with pytest.raises(CheckpointSaveError):
+        manager.save_checkpoint(step=2, blocking=False)
+    manager.save_checkpoint(step=3, blocking=False)
+    manager.close()
+
+    assert [entry["name"] for entry in manager.list_checkpoints()] == ["checkpoint-step-3"]
+
+
+def test_worker_error_raised_by_close(tmp_path, monkeypatch):
+    manager = new_manager(tmp_path, model=make_model())
+    failing_write(monkeypatch)
+    manager.save_checkpoint(step=1, blocking=False)
+
+    with pytest.raises(CheckpointSaveError):
+        manager.close()
+
+
+def test_skip_if_busy_skips(tmp_path, monkeypatch):
+    release = threading.Event()
+    started = threading.Event()
+    original = manager_module.write_state
+
+    def slow_write(*args, **kwargs):
+        started.set()
+        release.wait(30)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(manager_module, "write_state", slow_write)
+    manager = new_manager(tmp_path, model=make_model())
+    manager.save_checkpoint(step=1, blocking=False)
+    assert started.wait(30)
+
+    skipped = manager.save_checkpoint(step=2, blocking=False, skip_if_busy=True)
+    release.set()
+    manager.close()
+
+    assert skipped is None
+    assert [entry["name"] for entry in manager.list_checkpoints()] == ["checkpoint-step-1"]
+
+
+CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    import torch
+    from hf_lifecycle import HFManager, KeepAll
+
+    folder = sys.argv[1]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])
+    manager = HFManager(local_dir=os.path.join(folder, "out"),
+                        checkpoint_dir=os.path.join(folder, "ckpt"), model=model,
+                        retention_policy=KeepAll())
+    manager.save_checkpoint(step=1)
+    print("first", flush=True)
+    for step in range(2, 1000):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        manager.save_checkpoint(step=step, blocking=False)
+        print("submitted", step, flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [1, 2, 4, 7])
+def test_sigkill_during_async_write(tmp_path, kill_after):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    submitted = 0
+    for line in process.stdout:
+        if line.startswith("submitted"):
+            submitted += 1
+            if submitted >= kill_after:
+                break
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+    manager = new_manager(tmp_path)
+    names = [entry["name"] for entry in manager.list_checkpoints()]
+    assert "checkpoint-step-1" in names
+    leftovers = [name for name in os.listdir(manager.checkpoint_dir) if name.startswith(".tmp-")]
+    assert leftovers == []
+    for name in names:
+        assert manager.store.verify(name) == [], name
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])
+    loaded = manager.load_latest_checkpoint(model)
+    assert loaded["name"] == names[0]
