@@ -151,7 +151,7 @@ def run_training(manager, model, optimizer, scheduler, splits: Splits, config: D
             global_step += 1
             manager.log_metrics({"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]},
                                 step=global_step)
-            print(f"step {global_step} epoch {epoch} loss {loss.item():.4f}", flush=True)
+            print(f"step {global_step} epoch {epoch} loss {loss.item():.8f}", flush=True)
             if global_step % save_every == 0:
                 val_loss, val_accuracy = evaluate(model, splits.x_val, splits.y_val)
                 metrics = {"train_loss": loss.item(), "val_loss": val_loss,

@@ -80,7 +80,7 @@ def _finish(args: argparse.Namespace, repo_id: str) -> None:
             raise SystemExit(f"Reloaded accuracy {reloaded_accuracy} differs from {test_accuracy}.")
 
         manager.push(push_final_model=True, commit_message="Digits MLP: checkpoints and final model")
-        print(f"Pushed checkpoints, metadata, model card and final model to {manager._hub.repo_url}")
+        print(f"Pushed checkpoints, metadata, model card and final model to {manager.repo_url}")
         auto_accuracy = register_and_reload(manager, model, config, splits, repo_id)
 
     print()
@@ -97,7 +97,13 @@ def _finish(args: argparse.Namespace, repo_id: str) -> None:
         print(f"    {path.name}")
     print(f"  metadata:           {manager.local_dir / 'experiment_metadata.json'}")
     print(f"  model card:         {manager.local_dir / 'README.md'}")
-    print(f"  Hub repository:     {manager._hub.repo_url}")
+    print(f"  metric curves:      {manager.local_dir / 'metrics.png'}")
+    print(f"  TensorBoard events: {manager.local_dir / 'runs'}")
+    print(f"  custom model:       {manager.local_dir / 'custom_models' / 'digits-mlp'}")
+    print(f"  Hub repositories:   {manager.repo_url} and {manager.repo_url}-custom")
+    if not args.repo_id:
+        print(f"    (the local server stopped with this script; to browse them again run "
+              f"`.venv/bin/hf-lifecycle hub serve --path {args.run_dir / 'local_hub'}`)")
 
 
 def register_and_reload(manager, model, config, splits, repo_id: str) -> float:

@@ -48,24 +48,53 @@ def _child(phase: str, args: argparse.Namespace) -> list[str]:
     return command
 
 
-def run_crashing_child(args: argparse.Namespace) -> int:
-    """Start training in a child process and SIGKILL it once it passes ``--crash-at-step``."""
-    process = subprocess.Popen(
-        _child("train", args), stdout=subprocess.PIPE, text=True, bufsize=1
-    )
-    killed_at = -1
+def _stream(process: subprocess.Popen, label: str, losses: dict[int, str], stop_at: int | None):
+    """Echo a child's output (every 20th step line only) and record each step's loss.
+
+    Returns the step after which the child was killed, or None when it ran to the end.
+    """
     assert process.stdout is not None
     for line in process.stdout:
-        print(f"  [train] {line.rstrip()}")
-        if line.startswith("step ") and int(line.split()[1]) >= args.crash_at_step:
-            process.send_signal(signal.SIGKILL)
-            killed_at = int(line.split()[1])
-            break
-    process.wait()
-    if killed_at < 0:
+        parts = line.split()
+        if line.startswith("step ") and len(parts) >= 6:
+            step = int(parts[1])
+            losses[step] = parts[5]
+            if step % 20 == 0:
+                print(f"  [{label}] {line.rstrip()}")
+            if stop_at is not None and step >= stop_at:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return step
+        else:
+            print(f"  [{label}] {line.rstrip()}")
+    if process.wait() != 0:
+        raise SystemExit(f"The {label} process failed with exit code {process.returncode}.")
+    return None
+
+
+def run_crashing_child(args: argparse.Namespace) -> tuple[int, dict[int, str]]:
+    """Start training in a child process and SIGKILL it once it passes ``--crash-at-step``."""
+    losses: dict[int, str] = {}
+    process = subprocess.Popen(_child("train", args), stdout=subprocess.PIPE, text=True, bufsize=1)
+    killed_at = _stream(process, "train", losses, args.crash_at_step)
+    if killed_at is None:
         raise SystemExit("The training child finished before the crash point; lower --crash-at-step.")
     print(f"Killed the training process with SIGKILL after step {killed_at} (exit {process.returncode}).")
-    return killed_at
+    return killed_at, losses
+
+
+def run_resume_child(args: argparse.Namespace, killed_at: int, before: dict[int, str]) -> None:
+    """Resume in a new process and compare the replayed steps with the killed run's losses."""
+    after: dict[int, str] = {}
+    process = subprocess.Popen(_child("resume", args), stdout=subprocess.PIPE, text=True, bufsize=1)
+    _stream(process, "resume", after, None)
+    replayed = sorted(step for step in after if step <= killed_at)
+    same = all(after[step] == before[step] for step in replayed)
+    if replayed:
+        verdict = "the same losses as before the crash" if same else "DIFFERENT losses"
+        print(f"Steps {replayed[0]}-{replayed[-1]}, trained again after the resume, gave {verdict}.")
+    if not same:
+        raise SystemExit("The resumed run diverged from the killed one.")
 
 
 def phase_train(args: argparse.Namespace, resume: bool) -> None:
@@ -124,9 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     args.run_dir.mkdir(parents=True)
     print(f"Run folder: {args.run_dir}")
     print("1. Training in a child process, which will be killed mid-epoch")
-    run_crashing_child(args)
+    killed_at, losses = run_crashing_child(args)
     print("2. Resuming from the latest checkpoint in a new process")
-    subprocess.run(_child("resume", args), check=True)
+    run_resume_child(args, killed_at, losses)
     print("3. Final model, Hub push, Auto-class registration")
     command = _child("finish", args)
     if args.repo_id:
