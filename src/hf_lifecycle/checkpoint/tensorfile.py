@@ -564,8 +564,8 @@ class _ParallelReader:
 
     With two reads in flight instead of one, a 670 MB file read cold from the virtio disk of a
     2-core VM in a median 0.50 s against 0.80 s (9 alternating runs), and the page faults of
-    the fresh buffer are taken on both cores. The calling thread hashes each chunk as soon as
-    it and every chunk before it have arrived.
+    the fresh buffer are taken on both cores. The calling thread hashes each chunk once it and
+    every chunk before it have arrived.
     """
 
     def __init__(self, fd: int, offset: int, view: memoryview, path: str) -> None:
@@ -581,9 +581,18 @@ class _ParallelReader:
         self._stopped = False
 
     def read(self, hasher: xxhash.xxh3_128) -> None:
+        # Each thread reads one contiguous share of the chunks front to back, so each read
+        # continues the one before it and the kernel keeps its readahead going. Handing single
+        # chunks to the threads in turn read the same files about 1.3x slower (median 0.84 s
+        # against 0.62 s for 1 GB in two files, 8 runs each).
+        count = len(self._chunks)
+        bounds = [count * share // _READ_THREADS for share in range(_READ_THREADS + 1)]
         threads = [
-            threading.Thread(target=self._read_share, args=(first,), name="checkpoint-read")
-            for first in range(_READ_THREADS)
+            threading.Thread(
+                target=self._read_chunks, args=(bounds[share], bounds[share + 1]),
+                name="checkpoint-read",
+            )
+            for share in range(_READ_THREADS)
         ]
         for thread in threads:
             thread.start()
@@ -598,10 +607,10 @@ class _ParallelReader:
             for thread in threads:
                 thread.join()
 
-    def _read_share(self, first: int) -> None:
-        """Read every ``_READ_THREADS``-th chunk, starting with chunk ``first``."""
+    def _read_chunks(self, first: int, stop: int) -> None:
+        """Read chunks ``first`` to ``stop - 1`` in order."""
         try:
-            for index in range(first, len(self._chunks), _READ_THREADS):
+            for index in range(first, stop):
                 if self._stopped:
                     return
                 start, end = self._chunks[index]
