@@ -301,7 +301,7 @@ def render_report(
         labels.update({key: result.label for key, result in state.methods.items()})
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"Run on {today}, {elapsed:.0f} s in total.",
+        f"Finished on {today}, {elapsed:.0f} s in total.",
         "",
         "## Machine",
         "",

@@ -35,7 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SMALL_BLOCKS = 500
 QUICK_SMALL_BLOCKS = 100
 # Pause after each save (and its deletion) before the next timed step: the minimum, plus
-# this much per GB written. The disk is a virtual one, and its writes go on after fsync.
+# this much per GB written. On a virtual disk, timed steps that followed a large write
+# measured slower and noisier, even after fsync and sync.
 SETTLE_SECONDS_MIN = 0.2
 SETTLE_SECONDS_PER_GB = 1.0
 # Output tag of the files that the loads read, apart from those the timed saves write.
