@@ -910,22 +910,14 @@ class HFManager:
         if not operations:
             logger.info("Nothing to push to %s", hub.repo_id)
             return
-        try:
-            run_with_retries(
-                lambda: hub.commit(operations, commit_message),
-                "push()",
-                retries=self._push_retries,
-                retry_wait=self._push_retry_wait,
-            )
-        except HubError:
-            raise
-        except Exception as err:
-            raise PushError(
-                f"push() to {hub.repo_id} failed: {describe_error(err)}. Local files are "
-                f"unchanged; call push() again.",
-                repo_id=hub.repo_id,
-                checkpoints=[info.name for info in checkpoints],
-            ) from err
+        self._commit_with_retries(
+            hub,
+            operations,
+            commit_message,
+            action="push()",
+            next_step="Local files are unchanged; call push() again.",
+            checkpoints=[info.name for info in checkpoints],
+        )
         hub.unpushed.difference_update(info.name for info in checkpoints)
         if pruned:
             self.store.forget_retired(pruned)
@@ -939,6 +931,27 @@ class HFManager:
             ", final model" if push_final_model else "",
             hub.repo_url,
         )
+
+    def _commit_with_retries(
+        self, hub: HubSync, operations: list[Any], commit_message: str, *,
+        action: str, next_step: str, checkpoints: list[str] | None = None,
+    ) -> None:
+        """Commit ``operations`` with the manager's retries; wrap a final non-Hub error in PushError."""
+        try:
+            run_with_retries(
+                lambda: hub.commit(operations, commit_message),
+                action,
+                retries=self._push_retries,
+                retry_wait=self._push_retry_wait,
+            )
+        except HubError:
+            raise
+        except Exception as err:
+            raise PushError(
+                f"{action} to {hub.repo_id} failed: {describe_error(err)}. {next_step}",
+                repo_id=hub.repo_id,
+                checkpoints=checkpoints or [],
+            ) from err
 
     def _card_operations(self, repo_id: str, *, include_metadata: bool) -> list[Any]:
         from hf_lifecycle.hub.card import write_card_files
@@ -1059,21 +1072,16 @@ class HFManager:
             if path.is_file()
         )
         try:
-            run_with_retries(
-                lambda: hub.commit(operations, commit_message),
-                "register_custom_model",
-                retries=self._push_retries,
-                retry_wait=self._push_retry_wait,
+            self._commit_with_retries(
+                hub,
+                operations,
+                commit_message,
+                action=f"Pushing custom model {registered.model_type}",
+                next_step=(
+                    f"The folder {registered.folder} is written, so call "
+                    f"register_custom_model(push_to_hub=True) again to upload it."
+                ),
             )
-        except HubError:
-            raise
-        except Exception as err:
-            raise PushError(
-                f"Pushing custom model {registered.model_type} to {hub.repo_id} failed: "
-                f"{describe_error(err)}. The folder {registered.folder} is written, so call "
-                f"register_custom_model(push_to_hub=True) again to upload it.",
-                repo_id=hub.repo_id,
-            ) from err
         finally:
             if hub is not self._hub:
                 hub.unregister_exit_flush()
