@@ -269,26 +269,12 @@ def _plan_pretrained(
     if generation_config is not None:
         probe.generation_config = copy.deepcopy(generation_config)
 
-    task = _task_auto_class(model_class)
-    auto_map = {
-        "AutoConfig": f"{flat_name(config_module.__name__)}.{config_class.__name__}",
-        "AutoModel": f"{flat_name(model_module.__name__)}.{model_class.__name__}",
-    }
-    if task is not None:
-        auto_map[task] = auto_map["AutoModel"]
-    return RegistrationPlan(
-        model_type=model_type,
-        config_class=config_class,
-        model_class=model_class,
-        task_auto_class=task,
-        auto_map=auto_map,
-        sources=sources,
-        requirements=verify_loadable(sources),
-        probe=probe,
-        state_dict=state_dict,
-        target=output_dir / model_type,
-        identity=identity,
-        generated={},
+    return _plan(
+        model_type, config_class, model_class, _task_auto_class(model_class),
+        config_entry=f"{flat_name(config_module.__name__)}.{config_class.__name__}",
+        model_entry=f"{flat_name(model_module.__name__)}.{model_class.__name__}",
+        sources=sources, probe=probe, state_dict=state_dict, output_dir=output_dir,
+        identity=identity, generated={},
     )
 
 
@@ -440,12 +426,23 @@ def _plan_plain(
 
     sources = {name: source.text for name, source in shipped.items()}
     sources.update(generated)
-    auto_map = {
-        "AutoConfig": f"{config_import[0]}.{config_import[1]}",
-        "AutoModel": f"{modeling_name}.{wrapper_name}",
-    }
+    return _plan(
+        model_type, config_class, model_class, task,
+        config_entry=f"{config_import[0]}.{config_import[1]}",
+        model_entry=f"{modeling_name}.{wrapper_name}",
+        sources=sources, probe=probe, state_dict=state_dict, output_dir=output_dir,
+        identity=identity, generated=generated,
+    )
+
+
+def _plan(
+    model_type, config_class, model_class, task, *, config_entry, model_entry, sources, probe,
+    state_dict, output_dir, identity, generated,
+) -> RegistrationPlan:
+    """Assemble a plan whose ``auto_map`` points the Auto classes at the shipped sources."""
+    auto_map = {"AutoConfig": config_entry, "AutoModel": model_entry}
     if task is not None:
-        auto_map[task] = auto_map["AutoModel"]
+        auto_map[task] = model_entry
     return RegistrationPlan(
         model_type=model_type,
         config_class=config_class,
