@@ -619,7 +619,7 @@ def test_prune_hub_checkpoints(hub, repo_id, tmp_path):
 
 
 def test_prune_keeps_foreign_checkpoints(hub, repo_id, tmp_path):
-    # A run resumed on a new machine holds one checkpoint locally; pruning must not delete
+    # A run resumed on a new machine has one checkpoint locally; pruning must not delete
     # the Hub checkpoints it never had. Step 3, which it downloaded and then retired, goes.
     first = make_manager(tmp_path / "a", repo_id, model=small_model(), retention_policy=KeepAll())
     names = [Path(first.save_checkpoint(step=step)).name for step in (1, 2, 3)]

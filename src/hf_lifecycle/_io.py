@@ -25,7 +25,7 @@ HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
 
 
 def temp_path(target: str | os.PathLike[str]) -> Path:
-    """A unique temporary path beside ``target``, named so :func:`remove_stale_temps` can find it."""
+    """Return a unique temporary path beside ``target``, in the form remove_stale_temps reads."""
     target = Path(target)
     return target.with_name(
         f"{TEMP_PREFIX}{target.name}.{HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"

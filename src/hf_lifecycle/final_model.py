@@ -61,7 +61,7 @@ def save_model_folder(
             tensors, aliases, extra = split_shared(state)
             if extra:
                 raise ConfigurationError(
-                    f"The model's state dict holds non-tensor entries ({', '.join(sorted(extra))}), "
+                    f"The model's state dict contains non-tensor entries ({', '.join(sorted(extra))}), "
                     f"which safetensors cannot store; use format='pt'."
                 )
             metadata = {"format": "pt"}

@@ -175,7 +175,7 @@ class HFManager:
     saved and restored to that rank. The shards of an FSDP model and its optimizer are
     written by every rank with ``torch.distributed.checkpoint`` into the same
     checkpoint folder and load with any number of ranks. ``checkpoint_dir``
-    must be one folder that every rank sees (a shared file system across
+    must be one folder that every rank can read and write (a shared file system across
     nodes). A failure on any rank makes every rank raise
     :class:`~hf_lifecycle.DistributedError`. Saves are always blocking there,
     and only rank 0 logs below ERROR. ``distributed=False`` turns all of this off
@@ -977,7 +977,7 @@ class HFManager:
         """Download checkpoint ``name`` (the Hub's latest when None) unless it is already local.
 
         Returns the checkpoint's listing entry, as in :meth:`list_checkpoints`, without loading
-        anything into a model, or None when the Hub holds no checkpoint. A local checkpoint of
+        anything into a model, or None when the Hub has no checkpoint. A local checkpoint of
         the same name is returned as it is, without contacting the Hub for its files.
         """
         hub = self._hub_sync("pull_checkpoint()")
@@ -1063,7 +1063,6 @@ class HFManager:
             description=description,
             repo_id=target_repo,
         )
-        self._registered_model = str(registered.folder)
         if hub is None:
             return None
         operations = file_operations(

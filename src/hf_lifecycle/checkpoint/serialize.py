@@ -377,7 +377,7 @@ def _read_state(
         if entry.get("pickle"):
             if not allow_pickle:
                 raise CheckpointError(
-                    f"Checkpoint {folder} holds pickled {name} values, and pickle can run code "
+                    f"Checkpoint {folder} contains pickled {name} values, and pickle can run code "
                     f"from the file. Load it with allow_pickle=True only if you trust it.",
                     path=str(folder),
                 )

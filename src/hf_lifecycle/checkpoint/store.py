@@ -305,7 +305,7 @@ class CheckpointStore:
 
     def _replace(self, temp_dir: Path, final: Path) -> None:
         if _rename_exchange(temp_dir, final):
-            # temp_dir now holds the old checkpoint; the new one is already in place.
+            # temp_dir now contains the old checkpoint; the new one is already in place.
             fsync_dir(self.root)
             shutil.rmtree(temp_dir, ignore_errors=True)
             return
@@ -316,7 +316,7 @@ class CheckpointStore:
         shutil.rmtree(aside, ignore_errors=True)
 
     def staging_dir(self, purpose: str) -> Path:
-        """A temporary folder inside the store (same file system, removed as a leftover if orphaned)."""
+        """Create a temporary folder in the store, on its file system, removed if left orphaned."""
         suffix = f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         folder = self.root / f"{_TEMP_PREFIX}{purpose}-{suffix}"
         folder.mkdir()
@@ -405,7 +405,7 @@ class CheckpointStore:
     # Reading --------------------------------------------------------------------------------
 
     def list(self) -> list[CheckpointInfo]:
-        """Every committed checkpoint, oldest first (by commit sequence)."""
+        """Return every committed checkpoint, oldest first (by commit sequence)."""
         with self._lock:
             self._refresh()
             records = [self._info_from_entry(entry) for entry in self._entries.values()]
@@ -676,7 +676,7 @@ def _invalid_listing_field(manifest: Mapping[str, Any]) -> str | None:
 
 
 def manifest_files(manifest: Mapping[str, Any]) -> dict[str, FileRecord]:
-    """The manifest's file table, with every path checked to stay inside the checkpoint folder."""
+    """Return the manifest's file table, each path checked to stay inside the checkpoint."""
     records = {}
     for relative, entry in manifest["files"].items():
         if (

@@ -122,17 +122,17 @@ def hub_endpoint() -> str:
     """
     from huggingface_hub import constants
 
-    wanted = os.environ.get("HF_ENDPOINT", "").rstrip("/")
+    configured = os.environ.get("HF_ENDPOINT", "").rstrip("/")
     current = constants.ENDPOINT.rstrip("/")
-    if wanted and wanted != current:
+    if configured and configured != current:
         logger.warning(
             "HF_ENDPOINT=%s was set after huggingface_hub was imported (it still used %s); "
             "using %s. Set HF_ENDPOINT before importing huggingface_hub or transformers.",
-            wanted, current, wanted,
+            configured, current, configured,
         )
-        constants.ENDPOINT = wanted
-        constants.HUGGINGFACE_CO_URL_TEMPLATE = wanted + "/{repo_id}/resolve/{revision}/{filename}"
-        return wanted
+        constants.ENDPOINT = configured
+        constants.HUGGINGFACE_CO_URL_TEMPLATE = configured + "/{repo_id}/resolve/{revision}/{filename}"
+        return configured
     return current
 
 
