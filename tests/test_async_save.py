@@ -212,3 +212,61 @@ def test_sigkill_during_async_write(tmp_path, kill_after):
     model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])
     loaded = manager.load_latest_checkpoint(model)
     assert loaded["name"] == names[0]
+
+
+def test_snapshot_split_between_copy_threads_is_exact(tmp_path):
+    # Above 8 MiB the copy is split into byte ranges that several threads copy; ranges cut
+    # tensors in the middle, so every tensor must still arrive whole and in its own buffer.
+    from hf_lifecycle.checkpoint.serialize import build_state
+    from hf_lifecycle.checkpoint.writer import SnapshotBuffers, snapshot_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 1536), torch.nn.Linear(1536, 1000))
+    custom = {
+        "transposed": torch.randn(300, 200).t(),  # Not contiguous: copied by Tensor.copy_.
+        "half": torch.randn(777, dtype=torch.bfloat16),
+        "empty": torch.empty(0),
+    }
+    state = build_state(
+        model=model, optimizer=None, scheduler=None, rng_state=None, custom_state=custom,
+        config=None, allow_pickle=False,
+    )
+    buffers = SnapshotBuffers()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        snapshot = snapshot_state(state, buffers)
+        again = snapshot_state(state, buffers)  # Reuses the buffers of the first snapshot.
+    finally:
+        torch.set_num_threads(threads)
+        buffers.release()
+    for key, value in model.state_dict().items():
+        assert torch.equal(snapshot.model[key], value), key
+        assert snapshot.model[key].data_ptr() != value.data_ptr(), key
+        assert again.model[key].data_ptr() == snapshot.model[key].data_ptr(), key
+    tensors = snapshot.components["custom_state"].tensors
+    for key, value in state.components["custom_state"].tensors.items():
+        assert torch.equal(tensors[key], value), key
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 5])
+def test_split_ranges_cover_every_byte_once(parts):
+    from hf_lifecycle.checkpoint.writer import _split_ranges
+
+    sizes = [7, 1, 4096, 13, 100_000, 3]
+    ranges, start = [], 0
+    for size in sizes:
+        ranges.append((10_000_000 + start, start, size))  # (destination, source, nbytes)
+        start += size
+    shares = _split_ranges(ranges, parts)
+
+    assert len(shares) == parts
+    pieces = [piece for share in shares for piece in share]
+    position = 0
+    for destination, source, nbytes in pieces:
+        assert nbytes > 0
+        assert source == position and destination == 10_000_000 + position
+        position += nbytes
+    assert position == sum(sizes)
+    totals = [sum(piece[2] for piece in share) for share in shares]
+    assert max(totals) - min(totals) <= -(-sum(sizes) // parts)

@@ -315,6 +315,18 @@ def test_metadata_file_contents(tmp_path):
     assert metadata["final_model"]["format"] == "safetensors"
 
 
+def test_metadata_lists_kept_checkpoints(tmp_path):
+    manager = new_manager(tmp_path, retention_policy=KeepLastN(2))
+    model = tiny_model()
+    for step in range(1, 4):
+        manager.save_checkpoint(model=model, step=step)
+
+    metadata = json.loads((tmp_path / "out" / "experiment_metadata.json").read_text())
+    names = [checkpoint["name"] for checkpoint in metadata["checkpoints"]]
+    assert names == ["checkpoint-step-3", "checkpoint-step-2"]
+    assert names == [checkpoint["name"] for checkpoint in manager.list_checkpoints()]
+
+
 def test_metadata_environment(tmp_path):
     metadata = json.loads(Path(run_with_history(tmp_path).save_metadata()).read_text())
     environment = metadata["environment"]

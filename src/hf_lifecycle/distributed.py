@@ -321,7 +321,8 @@ def is_sharded(model: torch.nn.Module | None) -> bool:
     parameters are DTensors, and FSDP1 (``FullyShardedDataParallel``)."""
     # NOTE: only FSDP2 is tested. FSDP1 in torch 2.13 raises on a machine without an
     # accelerator, so its save and load through DCP have not been run.
-    if model is None or not dist.is_available():
+    # Both kinds need an initialized process group, and the check below visits every parameter.
+    if model is None or not dist.is_available() or not dist.is_initialized():
         return False
     from torch.distributed.tensor import DTensor
 

@@ -232,6 +232,7 @@ class HFManager:
         self.prune_hub_checkpoints = bool(prune_hub_checkpoints)
         self.async_save = bool(async_save)
         self._warned_sync = False
+        self._environment: dict[str, Any] | None = None
         self._writer = BackgroundWriter()
         self._save_lock = threading.Lock()
         if isinstance(push_retries, bool) or not isinstance(push_retries, int) or push_retries < 0:
@@ -562,13 +563,24 @@ class HFManager:
         }
 
     def _after_commit(self, info: CheckpointInfo, *, push: bool) -> None:
+        # Order: protect the new checkpoint from retention until it is pushed, apply retention,
+        # write the metadata of the checkpoints that remain, then queue the push, whose job
+        # uploads that metadata. The folder is listed once for all of these.
+        hub = self._hub_sync("Pushing a checkpoint") if push else None
+        if hub is not None:
+            hub.token(required=True)  # A missing token fails here, in the caller's thread.
+            hub.unpushed.add(info.name)
+        checkpoints = self.store.list()
+        plan = self._plan_retention(self._protected_checkpoints(), checkpoints)
+        if plan.delete:
+            deleted = set(self.store.delete(plan.delete))
+            checkpoints = [item for item in checkpoints if item.name not in deleted]
         try:
-            self.save_metadata()
+            self._write_metadata(checkpoints=checkpoints)
         except OSError as err:
             logger.warning("Checkpoint %s is saved, but writing the metadata failed: %s", info.name, err)
-        if push:
+        if hub is not None:
             self._enqueue_push(info)
-        self.cleanup_checkpoints()
 
     # Retention -------------------------------------------------------------------------------
 
@@ -584,14 +596,17 @@ class HFManager:
             return list(plan.delete)
         return self.store.delete(plan.delete)
 
-    def _plan_retention(self, protected: set[str]) -> RetentionPlan:
+    def _plan_retention(
+        self, protected: set[str], checkpoints: list[CheckpointInfo] | None = None
+    ) -> RetentionPlan:
         """Plan retention over the checkpoints whose commit order is unambiguous.
 
         Checkpoints that share a sequence number (a folder copied in from another run, or
         saved by a second process without file locks) are kept and left out of the plan,
         because which of them is newer is unknown.
         """
-        checkpoints = self.store.list()
+        if checkpoints is None:
+            checkpoints = self.store.list()
         counts = collections.Counter(info.sequence for info in checkpoints)
         shared = sorted(info.name for info in checkpoints if counts[info.sequence] > 1)
         if shared:
@@ -806,20 +821,31 @@ class HFManager:
             "retention_policy": repr(self.retention_policy),
         }
 
-    def _metadata(self) -> dict[str, Any]:
+    def _metadata(self, checkpoints: list[CheckpointInfo] | None = None) -> dict[str, Any]:
+        if checkpoints is None:
+            checkpoints = self.store.list()
+        if self._environment is None:
+            # Collected once: the package versions and the git state of the code this process
+            # runs do not change while it runs, and the git call costs milliseconds per save.
+            self._environment = collect_environment(os.getcwd())
         return build_metadata(
             self.tracker,
-            checkpoints=self.list_checkpoints(),
+            checkpoints=[info.to_dict() for info in reversed(checkpoints)],
             final_model=self._final_model,
             run=self._run_info(),
-            environment=collect_environment(os.getcwd()),
+            environment=self._environment,
         )
 
     @on_main_rank("Writing the metadata")
     def save_metadata(self, filename: str = METADATA_FILENAME) -> str:
         """Write hyperparameters, metrics, checkpoints and environment to ``local_dir/filename``."""
         validate_name(filename, self.local_dir)
-        return write_metadata(self.local_dir / filename, self._metadata())
+        return self._write_metadata(filename)
+
+    def _write_metadata(
+        self, filename: str = METADATA_FILENAME, *, checkpoints: list[CheckpointInfo] | None = None
+    ) -> str:
+        return write_metadata(self.local_dir / filename, self._metadata(checkpoints))
 
     def get_summary(self) -> str:
         return format_summary(
@@ -837,9 +863,8 @@ class HFManager:
         return self._hub
 
     def _enqueue_push(self, info: CheckpointInfo) -> None:
+        """Queue the push of a checkpoint that ``_after_commit`` already marked as unpushed."""
         hub = self._hub_sync("Pushing a checkpoint")
-        hub.token(required=True)  # A missing token fails here, in the caller's thread.
-        hub.unpushed.add(info.name)
         folder = Path(info.path)
         metadata_path = self.local_dir / METADATA_FILENAME
 
@@ -1094,6 +1119,7 @@ class HFManager:
         try:
             self._writer.wait()
         finally:
+            self._writer.buffers.release()  # A snapshot's buffers are as large as the state.
             self._tensorboard.close()
             if self._hub is not None:
                 self._flush_hub()

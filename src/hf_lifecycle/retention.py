@@ -15,6 +15,7 @@ epoch and names do not sort numerically ("checkpoint-step-10" < "checkpoint-step
 from __future__ import annotations
 
 import abc
+import collections
 import dataclasses
 import logging
 import math
@@ -425,13 +426,15 @@ def _validated_commit_order(checkpoints: Iterable[CheckpointInfo]) -> list[Check
     ordered = _in_commit_order(checkpoints)
     names = [checkpoint.name for checkpoint in ordered]
     sequences = [checkpoint.sequence for checkpoint in ordered]
-    duplicate_names = sorted({name for name in names if names.count(name) > 1})
+    duplicate_names = sorted(name for name, count in collections.Counter(names).items() if count > 1)
     if duplicate_names:
         raise ConfigurationError(
             f"Invalid checkpoint list: the names {duplicate_names} occur more than once. Pass "
             f"each committed checkpoint once, as listed by the checkpoint store."
         )
-    duplicate_sequences = sorted({value for value in sequences if sequences.count(value) > 1})
+    duplicate_sequences = sorted(
+        value for value, count in collections.Counter(sequences).items() if count > 1
+    )
     if duplicate_sequences:
         raise ConfigurationError(
             f"Invalid checkpoint list: the sequence numbers {duplicate_sequences} occur more "

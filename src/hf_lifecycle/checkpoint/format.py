@@ -55,16 +55,18 @@ def encode_state(state: Any, *, root: str, allow_pickle: bool = False) -> Encode
 
 
 def _encode(value: Any, key: str, out: EncodedState, allow_pickle: bool) -> Any:
+    # Tensors first: an optimizer's state is mostly tensors, thousands of them in a deep model.
+    if isinstance(value, torch.Tensor):
+        if value.is_meta:
+            check_has_data(key, value)
+        out.tensors[key] = value
+        return {TYPE_KEY: "tensor", "key": key, "device": str(value.device)}
     if isinstance(value, _SCALARS):
         return value
     if isinstance(value, float):
         if math.isfinite(value):
             return value
         return {TYPE_KEY: "float", "value": repr(value)}
-    if isinstance(value, torch.Tensor):
-        check_has_data(key, value)
-        out.tensors[key] = value
-        return {TYPE_KEY: "tensor", "key": key, "device": str(value.device)}
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             return _fallback(value, key, out, allow_pickle)

