@@ -120,10 +120,31 @@ def test_final_model_gpt2_from_pretrained(tmp_path, format):
 
     manager = new_manager(tmp_path)
     folder = manager.save_final_model(model, name="gpt2", format=format, config=config)
-    loaded = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
 
-    assert_same_weights(model, loaded)
-    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
     tokens = torch.arange(8).unsqueeze(0)
-    with torch.no_grad():
-        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    for path in (folder, manager.local_dir):
+        loaded = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+        assert_same_weights(model, loaded)
+        assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+        with torch.no_grad():
+            assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+
+
+@pytest.mark.parametrize(("first", "second"), [("pt", "safetensors"), ("safetensors", "pt")])
+def test_local_dir_holds_latest_final_model(tmp_path, first, second):
+    manager = new_manager(tmp_path)
+    manager.save_final_model(tiny_lm(0), name="early", format=first, config={"vocab": 11})
+
+    manager.save_final_model(tiny_lm(1), name="late", format=second)
+
+    root = tmp_path / "out"
+    assert (root / WEIGHT_FILES[second]).is_file()
+    assert not (root / WEIGHT_FILES[first]).exists()
+    assert not (root / "config.json").exists()  # The later save has no config.
+    assert [name for name in os.listdir(root) if name.startswith(".")] == []
+    restored = tiny_lm(2)
+    load_model_weights(restored, root)
+    assert_same_weights(tiny_lm(1), restored)
+    earlier = tiny_lm(2)
+    load_model_weights(earlier, root / "early")
+    assert_same_weights(tiny_lm(0), earlier)

@@ -91,6 +91,39 @@ def save_model_folder(
     return folder
 
 
+def publish_model_files(folder: Path, root: Path) -> list[str]:
+    """Link the model files of ``folder`` into ``root``, so ``from_pretrained(root)`` loads them.
+
+    Each file is hard-linked (copied where links are not supported) under a temporary name
+    and renamed into place. Model files in ``root`` that ``folder`` lacks, such as the
+    weights of the other format from an earlier save, are removed: ``from_pretrained``
+    prefers ``model.safetensors`` and would otherwise load stale weights. Returns the names
+    now in ``root``.
+    """
+    published = []
+    for name in sorted(_MODEL_FILES):
+        source, target = folder / name, root / name
+        if not source.is_file():
+            if target.is_file() and not target.is_symlink():
+                target.unlink()
+            continue
+        temp = temp_path(target)
+        try:
+            os.link(source, temp)
+        except OSError:
+            shutil.copyfile(source, temp)
+            with open(temp, "rb") as handle:
+                os.fsync(handle.fileno())
+        try:
+            os.replace(temp, target)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        published.append(name)
+    fsync_dir(root)
+    return published
+
+
 def _check_replaceable(folder: Path) -> None:
     """Raise ConfigurationError unless ``folder`` is absent or holds only a saved model's files.
 

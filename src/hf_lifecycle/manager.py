@@ -63,7 +63,7 @@ from hf_lifecycle.errors import (
     RepoIdRequiredError,
     SerializationError,
 )
-from hf_lifecycle.final_model import save_model_folder
+from hf_lifecycle.final_model import publish_model_files, save_model_folder
 from hf_lifecycle.hub.sync import (
     HubSync,
     checkpoint_operations,
@@ -776,6 +776,8 @@ class HFManager:
 
         ``format="safetensors"`` writes ``model.safetensors`` and ``format="pt"``
         writes ``pytorch_model.bin``, the names transformers' ``from_pretrained`` reads.
+        The same files are also linked into ``local_dir`` itself, replacing those of an
+        earlier final model, so ``from_pretrained(local_dir)`` loads the latest one.
         """
         if format not in ("pt", "safetensors"):
             raise ConfigurationError(
@@ -801,11 +803,21 @@ class HFManager:
         folder = save_model_folder(
             model, self.local_dir / name, format=format, config=config, state_dict=state
         )
+        try:
+            published = publish_model_files(folder, self.local_dir)
+        except OSError as err:
+            raise CheckpointSaveError(
+                f"The final model is saved in {folder}, but linking its files into "
+                f"{self.local_dir} failed: {err}. Load it from {folder}, or free space or fix "
+                f"permissions in {self.local_dir} and save again.",
+                path=str(folder),
+            ) from err
         self._final_model = {
             "name": name,
             "path": str(folder),
             "format": format,
             "files": sorted(path.name for path in folder.iterdir()),
+            "also_in_local_dir": published,
         }
         self.save_metadata()
         logger.info("Saved the final model to %s", folder)
