@@ -226,6 +226,8 @@ def test_snapshot_split_between_copy_threads_is_exact(tmp_path):
         "transposed": torch.randn(300, 200).t(),  # Not contiguous: copied by Tensor.copy_.
         "half": torch.randn(777, dtype=torch.bfloat16),
         "empty": torch.empty(0),
+        # 300 small tensors (19 MB) go through torch._foreach_copy_, split between threads.
+        "many": [torch.randn(16384) for _ in range(300)],
     }
     state = build_state(
         model=model, optimizer=None, scheduler=None, rng_state=None, custom_state=custom,

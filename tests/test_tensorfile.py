@@ -251,36 +251,6 @@ def test_libc_sync_file_range_found_on_linux():
     assert tensorfile._libc_sync_file_range() is not None
 
 
-@pytest.mark.parametrize("nbytes", [100, 4 << 20, (9 << 20) + 12])
-def test_host_buffer_advises_whole_huge_pages(monkeypatch, nbytes):
-    calls = []
-
-    def fake_madvise(address, length, advice):
-        calls.append((address, length, advice))
-        return 0
-
-    real = tensorfile._libc_function
-    monkeypatch.setattr(
-        tensorfile, "_libc_function",
-        lambda name, argtypes: fake_madvise if name == "madvise" else real(name, argtypes),
-    )
-    tensor = tensorfile.empty_host_tensor((nbytes // 4,), torch.float32)
-
-    assert tensor.shape == (nbytes // 4,)
-    assert tensor.dtype == torch.float32
-    if nbytes < 2 * tensorfile._HUGE_PAGE:
-        assert calls == []
-        return
-    ((address, length, advice),) = calls
-    huge = tensorfile._HUGE_PAGE
-    assert advice == tensorfile._MADV_HUGEPAGE
-    assert address % huge == 0
-    assert length % huge == 0
-    assert tensor.data_ptr() <= address
-    assert address + length <= tensor.data_ptr() + tensor.numel() * 4
-    assert address - tensor.data_ptr() < huge
-
-
 # Reading -------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,6 @@ import torch
 
 from hf_lifecycle.checkpoint.format import EncodedState
 from hf_lifecycle.checkpoint.serialize import CheckpointState
-from hf_lifecycle.checkpoint.tensorfile import empty_host_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -44,43 +43,55 @@ class SnapshotBuffers:
         """Return the kept buffer for ``key``, allocating one when shape or dtype changed."""
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            if tensor.device.type == "cuda":
-                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            else:
-                buffer = empty_host_tensor(tensor.shape, tensor.dtype)
+            pin = tensor.device.type == "cuda"
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
             self._buffers[key] = buffer
         return buffer
 
     def copy_all(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Copy each source tensor into its buffer, for ``pairs`` of (buffer, source)."""
-        ranges: list[tuple[int, int, int]] = []
-        for buffer, source in pairs:
-            if _raw_copyable(source):
-                nbytes = source.numel() * source.element_size()
-                if nbytes:
-                    ranges.append((buffer.data_ptr(), source.data_ptr(), nbytes))
-            else:
-                buffer.copy_(source, non_blocking=source.device.type == "cuda")
-        self._copy_ranges(ranges)
+        """Copy each source tensor into its buffer, for ``pairs`` of (buffer, source).
 
-    def _copy_ranges(self, ranges: list[tuple[int, int, int]]) -> None:
-        threads = max(1, min(torch.get_num_threads(), _MAX_COPY_THREADS))
-        total = sum(nbytes for _, _, nbytes in ranges)
-        if threads == 1 or total < _THREADED_COPY_MIN:
-            _memmove_all(ranges)
-            return
-        if self._pool is None or self._pool_size != threads - 1:
+        Large CPU tensors are copied as raw byte ranges, the others with
+        ``torch._foreach_copy_``, which costs well under a microsecond per tensor where a
+        Python loop costs several. Both kinds are split between the copy threads by bytes.
+        """
+        ranges: list[tuple[int, int, int]] = []
+        small: list[tuple[torch.Tensor, torch.Tensor]] = []
+        small_bytes = 0
+        with torch.no_grad():
+            for buffer, source in pairs:
+                nbytes = buffer.nbytes
+                if nbytes >= _RAW_COPY_MIN and _raw_copyable(source):
+                    ranges.append((buffer.data_ptr(), source.data_ptr(), nbytes))
+                elif source.device.type == "cpu":
+                    small.append((buffer, source))
+                    small_bytes += nbytes
+                else:
+                    buffer.copy_(source, non_blocking=True)
+            total = small_bytes + sum(nbytes for _, _, nbytes in ranges)
+            threads = max(1, min(torch.get_num_threads(), _MAX_COPY_THREADS))
+            if threads == 1 or total < _THREADED_COPY_MIN:
+                _copy_share(ranges, small)
+                return
+            range_shares = _split_ranges(ranges, threads)
+            small_shares = _split_pairs(small, small_bytes, threads)
+            futures = [
+                self._copy_pool(threads - 1).submit(_copy_share, range_shares[index], small_shares[index])
+                for index in range(1, threads)
+            ]
+            try:
+                _copy_share(range_shares[0], small_shares[0])
+            finally:
+                for future in futures:
+                    future.result()
+
+    def _copy_pool(self, size: int) -> ThreadPoolExecutor:
+        if self._pool is None or self._pool_size != size:
             if self._pool is not None:
                 self._pool.shutdown()
-            self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="hf-lifecycle-copy")
-            self._pool_size = threads - 1
-        shares = _split_ranges(ranges, threads)
-        futures = [self._pool.submit(_memmove_all, share) for share in shares[1:]]
-        try:
-            _memmove_all(shares[0])
-        finally:
-            for future in futures:
-                future.result()
+            self._pool = ThreadPoolExecutor(size, thread_name_prefix="hf-lifecycle-copy")
+            self._pool_size = size
+        return self._pool
 
     def retain_only(self, keys: set[str]) -> None:
         """Drop buffers of tensors that the latest snapshot no longer has."""
@@ -99,6 +110,8 @@ class SnapshotBuffers:
             self._pool = None
 
 
+# Tensors from this size up are copied as raw bytes, split between the copy threads.
+_RAW_COPY_MIN = 256 << 10
 # More threads than this do not copy faster: memory bandwidth is the limit.
 _MAX_COPY_THREADS = 8
 # Below this many bytes, starting the other threads costs more than it saves.
@@ -118,10 +131,34 @@ def _raw_copyable(source: torch.Tensor) -> bool:
     )
 
 
-def _memmove_all(ranges: list[tuple[int, int, int]]) -> None:
-    # ctypes releases the GIL for the call, so the threads copy at the same time.
+def _copy_share(
+    ranges: list[tuple[int, int, int]], pairs: list[tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    # ctypes and torch's operators release the GIL while they copy, so the threads copy at
+    # the same time.
     for destination, source, nbytes in ranges:
         ctypes.memmove(destination, source, nbytes)
+    if pairs:
+        with torch.no_grad():
+            torch._foreach_copy_([buffer for buffer, _ in pairs], [source for _, source in pairs])
+
+
+def _split_pairs(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], nbytes: int, parts: int
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Cut ``pairs`` (``nbytes`` in all) into ``parts`` runs of about equal byte counts."""
+    target = -(-nbytes // parts)
+    shares: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
+    filled = 0
+    for pair in pairs:
+        if filled >= target and len(shares) < parts:
+            shares.append([])
+            filled = 0
+        shares[-1].append(pair)
+        filled += pair[0].nbytes
+    while len(shares) < parts:
+        shares.append([])
+    return shares
 
 
 def _split_ranges(ranges: list[tuple[int, int, int]], parts: int) -> list[list[tuple[int, int, int]]]:
@@ -155,9 +192,8 @@ def snapshot_state(state: CheckpointState, buffers: SnapshotBuffers) -> Checkpoi
         for key, tensor in tensors.items():
             slot = f"{prefix}/{key}"
             used.add(slot)
-            source = tensor.detach()
-            copied[key] = buffers.buffer_for(slot, source)
-            pairs.append((copied[key], source))
+            copied[key] = buffers.buffer_for(slot, tensor)
+            pairs.append((copied[key], tensor))
         return copied
 
     def encoded_copy(prefix: str, encoded: EncodedState) -> EncodedState:
