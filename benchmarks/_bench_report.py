@@ -19,7 +19,7 @@ END_MARKER = "<!-- END GENERATED -->"
 
 @dataclasses.dataclass
 class Result:
-    """Timings of one method on one state, in seconds, by operation ("save", "load", "blocked")."""
+    """Timings of one method on one state, in seconds, by operation ("save", "load", "blocked", ...)."""
 
     key: str
     label: str
@@ -121,7 +121,13 @@ def command_line() -> str:
 
 # Tables ---------------------------------------------------------------------------------------
 
-_OPERATIONS = {"save": "save (durable)", "blocked": "save, time blocked", "load": "load"}
+_OPERATIONS = {
+    "save": "save (durable)",
+    "call": "save, until the call returns",
+    "blocked": "save, time blocked (the call + the wait in step())",
+    "forward_backward": "forward + backward between the call and step(), not blocked",
+    "load": "load",
+}
 
 
 def _seconds(values: list[float]) -> str:
@@ -145,13 +151,19 @@ def timing_table(state: StateResults) -> list[str]:
         if result.missing:
             lines.append(f"| {result.label} | not available: {result.missing} | | | | | |")
             continue
-        for operation in ("blocked", "save", "load"):
+        for operation in ("call", "blocked", "forward_backward", "save", "load"):
             median = result.median(operation)
             if median is None:
                 continue
             name = _OPERATIONS[operation]
+            if operation == "forward_backward":
+                lines.append(
+                    f"| {result.label} | {name} | {median:.3f} | "
+                    f"{_seconds(result.times[operation])} | | | |"
+                )
+                continue
             if result.key == "hf_lifecycle_async" and operation == "save":
-                name = "save, until wait_for_checkpoints() returns"
+                name = "save, until wait_for_checkpoints() returns, training step included"
             baseline = "load" if operation == "load" else "save"
             lines.append(
                 f"| {result.label} | {name} | {median:.3f} | {_seconds(result.times[operation])} "

@@ -15,6 +15,8 @@ LARGE_LAYERS = 5
 # fp32 parameter + AdamW exp_avg + exp_avg_sq: 12 bytes of state per parameter.
 _BYTES_PER_PARAMETER = 12
 SMALL_WIDTH = 128
+# Rows in the batch of the training step run after each asynchronous save.
+TRAIN_BATCH = 32
 
 
 @dataclasses.dataclass
@@ -27,6 +29,11 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     nbytes: int
     tensor_count: int
+    batch: torch.Tensor
+
+    def forward_backward(self) -> None:
+        """Run one forward and backward pass on the state's training batch."""
+        self.model(self.batch).square().mean().backward()
 
 
 def _populate(
@@ -53,7 +60,10 @@ def _finish(
     _populate(model, optimizer, batch)
     tensors = state_tensors(model, optimizer)
     nbytes = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-    return TrainingState(label, description, model, optimizer, nbytes, len(tensors))
+    # The batch of the training step that follows an asynchronous save: a small one, so the
+    # forward and backward passes that overlap with the background copy are short.
+    train_batch = torch.randn(TRAIN_BATCH, batch.shape[1])
+    return TrainingState(label, description, model, optimizer, nbytes, len(tensors), train_batch)
 
 
 def build_large_state(size_gb: float) -> TrainingState:

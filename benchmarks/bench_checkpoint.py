@@ -180,6 +180,7 @@ def memory_child(args: argparse.Namespace) -> None:
     # not grow with the state and would otherwise count as the save's memory.
     warm_state = build_small_state(1)
     warm = cls(warm_state, folder / "warm-up")
+    warm.train_between = False  # Only the save's own memory counts.
     reason = warm.available()
     if reason:
         print(json.dumps({"missing": reason}))
@@ -187,6 +188,7 @@ def memory_child(args: argparse.Namespace) -> None:
     warm.save(0)
     state = build_large_state(args.size_gb)
     method = cls(state, folder / "measured")
+    method.train_between = False
     gc.collect()
     before = _status_kib("VmRSS")
     # Writing 5 to clear_refs resets the peak (VmHWM) to the current RSS (Linux >= 4.0).

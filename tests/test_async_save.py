@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,73 @@ def test_snapshot_ignores_later_changes(tmp_path):
     for index, entry in moments.items():
         for key, value in entry.items():
             assert torch.equal(fresh_optimizer.state_dict()["state"][index][key], value), key
+
+
+def delay_deferred_copy(monkeypatch, seconds: float) -> None:
+    """Make the worker start its copy of the optimizer state ``seconds`` late."""
+    from hf_lifecycle.checkpoint import writer
+
+    run = writer.DeferredCopy.run
+
+    def late_run(self, buffers):
+        time.sleep(seconds)
+        return run(self, buffers)
+
+    monkeypatch.setattr(writer.DeferredCopy, "run", late_run)
+
+
+def test_optimizer_step_waits_for_copy(tmp_path, monkeypatch):
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    train_step(model, optimizer)
+    manager = new_manager(tmp_path, model=model, optimizer=optimizer, async_save=True)
+    moments = state_copy(optimizer)
+    delay_deferred_copy(monkeypatch, 0.3)
+
+    manager.save_checkpoint(step=1)
+    train_step(model, optimizer)  # Its step() must wait until the state is copied.
+    manager.wait_for_checkpoints()
+
+    fresh = make_model()
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    manager.load_checkpoint("checkpoint-step-1", fresh, fresh_optimizer)
+    for index, entry in moments.items():
+        for key, value in entry.items():
+            assert torch.equal(fresh_optimizer.state_dict()["state"][index][key], value), key
+
+
+def test_state_changed_outside_step_fails_save(tmp_path, monkeypatch):
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    train_step(model, optimizer)
+    manager = new_manager(tmp_path, model=model, optimizer=optimizer, async_save=True)
+    manager.save_checkpoint(step=1)
+    manager.wait_for_checkpoints()
+    delay_deferred_copy(monkeypatch, 0.3)
+
+    manager.save_checkpoint(step=2)
+    first_state = next(iter(optimizer.state.values()))
+    first_state["exp_avg"].add_(1.0)  # In place, outside optimizer.step().
+
+    with pytest.raises(CheckpointSaveError) as caught:
+        manager.wait_for_checkpoints()
+    assert "changed in place" in str(caught.value)
+    assert "wait_for_checkpoints()" in str(caught.value)
+    assert [entry["name"] for entry in manager.list_checkpoints()] == ["checkpoint-step-1"]
+
+
+def test_close_removes_step_hook(tmp_path):
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    train_step(model, optimizer)
+    manager = new_manager(tmp_path, model=model, optimizer=optimizer, async_save=True)
+    hooks_before = len(optimizer._optimizer_step_pre_hooks)
+
+    manager.save_checkpoint(step=1)
+    assert len(optimizer._optimizer_step_pre_hooks) == hooks_before + 1
+    manager.close()
+
+    assert len(optimizer._optimizer_step_pre_hooks) == hooks_before
 
 
 def test_async_returns_final_path(tmp_path):
@@ -214,19 +282,19 @@ def test_sigkill_during_async_write(tmp_path, kill_after):
     assert loaded["name"] == names[0]
 
 
-def test_snapshot_split_between_copy_threads_is_exact(tmp_path):
-    # Above 8 MiB the copy is split into byte ranges that several threads copy; ranges cut
-    # tensors in the middle, so every tensor must still arrive whole and in its own buffer.
+def test_threaded_snapshot_is_exact(tmp_path):
+    # Above 8 MiB the copy is split into byte ranges for several threads. The ranges cut
+    # tensors in the middle, so this checks that every tensor still arrives whole.
     from hf_lifecycle.checkpoint.serialize import build_state
     from hf_lifecycle.checkpoint.writer import SnapshotBuffers, snapshot_state
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1024, 1536), torch.nn.Linear(1536, 1000))
     custom = {
-        "transposed": torch.randn(300, 200).t(),  # Not contiguous: copied by Tensor.copy_.
+        "transposed": torch.randn(300, 200).t(),  # Not contiguous, so not copied as raw bytes.
         "half": torch.randn(777, dtype=torch.bfloat16),
         "empty": torch.empty(0),
-        # 300 small tensors (19 MB) go through torch._foreach_copy_, split between threads.
+        # 300 small tensors (19 MB) take the torch._foreach_copy_ path, split between threads.
         "many": [torch.randn(16384) for _ in range(300)],
     }
     state = build_state(
@@ -237,11 +305,12 @@ def test_snapshot_split_between_copy_threads_is_exact(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        snapshot = snapshot_state(state, buffers)
-        again = snapshot_state(state, buffers)  # Reuses the buffers of the first snapshot.
+        snapshot, deferred = snapshot_state(state, buffers)
+        again, _ = snapshot_state(state, buffers)  # Reuses the buffers of the first snapshot.
     finally:
         torch.set_num_threads(threads)
         buffers.release()
+    assert deferred is None
     for key, value in model.state_dict().items():
         assert torch.equal(snapshot.model[key], value), key
         assert snapshot.model[key].data_ptr() != value.data_ptr(), key
@@ -252,7 +321,7 @@ def test_snapshot_split_between_copy_threads_is_exact(tmp_path):
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 5])
-def test_split_ranges_cover_every_byte_once(parts):
+def test_split_ranges_cover_every_byte(parts):
     from hf_lifecycle.checkpoint.writer import _split_ranges
 
     sizes = [7, 1, 4096, 13, 100_000, 3]
@@ -267,7 +336,8 @@ def test_split_ranges_cover_every_byte_once(parts):
     position = 0
     for destination, source, nbytes in pieces:
         assert nbytes > 0
-        assert source == position and destination == 10_000_000 + position
+        assert source == position
+        assert destination == 10_000_000 + position
         position += nbytes
     assert position == sum(sizes)
     totals = [sum(piece[2] for piece in share) for share in shares]

@@ -534,10 +534,10 @@ def test_threads_background_saves_all_commit(tmp_path, monkeypatch):
 
     snapshot = manager_module.snapshot_state
 
-    def slow_snapshot(state, buffers):
+    def slow_snapshot(state, buffers, **options):
         # Long enough for both threads to see the writer idle before either submits.
         time.sleep(0.2)
-        return snapshot(state, buffers)
+        return snapshot(state, buffers, **options)
 
     manager.store.commit = gated_commit
     manager.save_checkpoint(tiny_model(), name="first")

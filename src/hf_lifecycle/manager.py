@@ -12,6 +12,7 @@ import re
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +36,7 @@ from hf_lifecycle.checkpoint.serialize import (
     write_state,
 )
 from hf_lifecycle.checkpoint.store import CheckpointStore, validate_name
-from hf_lifecycle.checkpoint.writer import BackgroundWriter, snapshot_state
+from hf_lifecycle.checkpoint.writer import BackgroundWriter, DeferredCopy, snapshot_state
 from hf_lifecycle.distributed import (
     SHARDED_FOLDER,
     RankGroup,
@@ -150,6 +151,7 @@ class _SaveRequest:
     metrics: dict[str, float]
     push: bool
     history_length: int
+    optimizer: Any = None
 
 
 class HFManager:
@@ -233,6 +235,10 @@ class HFManager:
         self.async_save = bool(async_save)
         self._warned_sync = False
         self._environment: dict[str, Any] | None = None
+        # Optimizers whose step waits for the background copy of their state, with the hook
+        # handles that close() removes.
+        self._guarded_optimizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._pending_copy: DeferredCopy | None = None
         self._writer = BackgroundWriter()
         self._save_lock = threading.Lock()
         if isinstance(push_retries, bool) or not isinstance(push_retries, int) or push_retries < 0:
@@ -371,7 +377,9 @@ class HFManager:
         ``blocking=False`` (the default when the manager was created with
         ``async_save=True``) returns once an exact snapshot of the state is taken;
         a worker thread writes and commits it, then applies retention and queues
-        the push. At most one save is in flight: the call waits for the previous
+        the push. The state of a ``torch.optim.Optimizer`` is copied by the worker:
+        the next ``optimizer.step()`` waits for that copy, and an in-place change
+        made some other way before it finishes fails the save. At most one save is in flight: the call waits for the previous
         one, or returns None without saving when ``skip_if_busy=True``. Errors of
         a background save are raised by the next save, :meth:`wait_for_checkpoints`
         and :meth:`close`.
@@ -414,9 +422,15 @@ class HFManager:
                 )
                 self._after_commit(info, push=push)
                 return info.path
-            snapshot = snapshot_state(state, self._writer.buffers)
+            defer = frozenset()
+            if self._guard_optimizer(request.optimizer):
+                defer = frozenset({"optimizer"})
+            snapshot, deferred = snapshot_state(state, self._writer.buffers, defer=defer)
+            self._pending_copy = deferred
 
             def job() -> None:
+                if deferred is not None:
+                    deferred.run(self._writer.buffers)
                 info = self._write_and_commit(
                     name, snapshot, step=step, epoch=epoch, metrics=checked_metrics,
                     history_length=history_length,
@@ -464,6 +478,7 @@ class HFManager:
         return _SaveRequest(
             state=state, sharded=sharded, name=name, step=step, epoch=epoch,
             metrics=checked_metrics, push=push, history_length=self.tracker.history_length(),
+            optimizer=optimizer if sharded is None else None,
         )
 
     def _save_on_ranks(self, request: _SaveRequest) -> str:
@@ -513,6 +528,26 @@ class HFManager:
                 ranks.wait_after_failure()
             raise
         return info.path
+
+    def _guard_optimizer(self, optimizer: Any) -> bool:
+        """Make ``optimizer.step()`` wait for a background save's copy of its state.
+
+        Returns False, and the save copies the optimizer's state before returning, for an
+        object without torch's step hooks.
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            return False
+        if optimizer not in self._guarded_optimizers:
+            manager = weakref.ref(self)
+
+            def wait_for_copy(*_: Any) -> None:
+                owner = manager()
+                pending = owner._pending_copy if owner is not None else None
+                if pending is not None:
+                    pending.wait()
+
+            self._guarded_optimizers[optimizer] = optimizer.register_step_pre_hook(wait_for_copy)
+        return True
 
     def wait_for_checkpoints(self, timeout: float | None = None) -> None:
         """Block until the background save (if any) is committed; raise its error."""
@@ -1132,6 +1167,9 @@ class HFManager:
             self._writer.wait()
         finally:
             self._writer.buffers.release()  # A snapshot's buffers are as large as the state.
+            for handle in list(self._guarded_optimizers.values()):
+                handle.remove()
+            self._guarded_optimizers.clear()
             self._tensorboard.close()
             if self._hub is not None:
                 self._flush_hub()

@@ -21,6 +21,7 @@ import torch
 
 from hf_lifecycle.checkpoint.format import EncodedState
 from hf_lifecycle.checkpoint.serialize import CheckpointState
+from hf_lifecycle.errors import CheckpointSaveError
 
 logger = logging.getLogger(__name__)
 
@@ -182,25 +183,80 @@ def _split_ranges(ranges: list[tuple[int, int, int]], parts: int) -> list[list[t
     return shares
 
 
-def snapshot_state(state: CheckpointState, buffers: SnapshotBuffers) -> CheckpointState:
-    """Return ``state`` with every tensor replaced by a copy that later training cannot change."""
+class DeferredCopy:
+    """The part of a snapshot that the worker copies: tensors only ``optimizer.step()`` changes.
+
+    The save registers an optimizer step pre-hook that calls :meth:`wait`, so the next
+    step cannot change them before they are copied, and the forward and backward passes
+    in between overlap with the copy. Each tensor's version counter is recorded when the
+    save is called and checked after the copy: an in-place change made some other way in
+    between fails the save rather than writing a mix of old and new values.
+    """
+
+    def __init__(self, entries: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+        self._entries = entries  # (name, buffer, source)
+        self._versions = [source._version for _, _, source in entries]
+        self._done = threading.Event()
+
+    def run(self, buffers: SnapshotBuffers) -> None:
+        """Copy every tensor into its buffer and check that none changed in between."""
+        try:
+            buffers.copy_all([(buffer, source) for _, buffer, source in self._entries])
+            changed = [
+                name
+                for (name, _, source), version in zip(self._entries, self._versions)
+                if source._version != version
+            ]
+        finally:
+            self._done.set()
+        if changed:
+            raise CheckpointSaveError(
+                f"{', '.join(changed[:3])}{' and others' if len(changed) > 3 else ''} changed in "
+                f"place while a background save was copying them, so that save was not "
+                f"committed. Call wait_for_checkpoints() before changing optimizer state "
+                f"outside optimizer.step(), or save with blocking=True."
+            )
+
+    def wait(self) -> None:
+        """Block until the copy is done; return at once when it already is."""
+        if not self._done.is_set():
+            self._done.wait()
+
+
+def snapshot_state(
+    state: CheckpointState, buffers: SnapshotBuffers, *, defer: frozenset[str] = frozenset()
+) -> tuple[CheckpointState, DeferredCopy | None]:
+    """Return ``state`` with every tensor replaced by a copy that later training cannot change.
+
+    Tensors of the components named in ``defer`` (the optimizer's, which only its step
+    changes) get their buffers now and are copied later by the returned
+    :class:`DeferredCopy`, when they are all CPU tensors. Everything else is copied before
+    this returns.
+    """
     used: set[str] = set()
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    deferred: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
-    def buffers_for(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def buffers_for(
+        prefix: str, tensors: dict[str, torch.Tensor], later: bool = False
+    ) -> dict[str, torch.Tensor]:
         copied = {}
         for key, tensor in tensors.items():
             slot = f"{prefix}/{key}"
             used.add(slot)
             copied[key] = buffers.buffer_for(slot, tensor)
-            pairs.append((copied[key], tensor))
+            if later:
+                deferred.append((key, copied[key], tensor))
+            else:
+                pairs.append((copied[key], tensor))
         return copied
 
     def encoded_copy(prefix: str, encoded: EncodedState) -> EncodedState:
         copied = EncodedState()
         copied.tree = encoded.tree
         copied.pickled = encoded.pickled
-        copied.tensors = buffers_for(prefix, encoded.tensors)
+        later = prefix in defer and all(t.device.type == "cpu" for t in encoded.tensors.values())
+        copied.tensors = buffers_for(prefix, encoded.tensors, later)
         return copied
 
     snapshot = CheckpointState(model_aliases=dict(state.model_aliases), config=state.config)
@@ -215,7 +271,7 @@ def snapshot_state(state: CheckpointState, buffers: SnapshotBuffers) -> Checkpoi
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()  # Non-blocking device-to-host copies must land before the write.
     buffers.retain_only(used)
-    return snapshot
+    return snapshot, (DeferredCopy(deferred) if deferred else None)
 
 
 class BackgroundWriter:
