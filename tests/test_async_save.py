@@ -122,6 +122,80 @@ def test_state_changed_outside_step_fails_save(tmp_path, monkeypatch):
     assert [entry["name"] for entry in manager.list_checkpoints()] == ["checkpoint-step-1"]
 
 
+class WrappedOptimizer(torch.optim.Optimizer):
+    """Wraps an optimizer the way accelerate's AcceleratedOptimizer does: it subclasses
+    Optimizer without calling its __init__, so it has no step hooks of its own."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # noqa: D107
+        self.optimizer = optimizer
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def test_wrapped_optimizer_step_waits(tmp_path, monkeypatch):
+    model = make_model()
+    optimizer = WrappedOptimizer(torch.optim.AdamW(model.parameters()))
+    train_step(model, optimizer)
+    manager = new_manager(tmp_path, model=model, optimizer=optimizer, async_save=True)
+    moments = state_copy(optimizer)
+    delay_deferred_copy(monkeypatch, 0.3)
+
+    manager.save_checkpoint(step=1)
+    assert len(optimizer.optimizer._optimizer_step_pre_hooks) == 1
+    train_step(model, optimizer)
+    manager.wait_for_checkpoints()
+
+    fresh = make_model()
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    manager.load_checkpoint("checkpoint-step-1", fresh, fresh_optimizer)
+    for index, entry in moments.items():
+        for key, value in entry.items():
+            assert torch.equal(fresh_optimizer.state_dict()["state"][index][key], value), key
+
+
+class HandRolledOptimizer:
+    """An optimizer-like object with no torch step hooks: its state is copied by the call."""
+
+    def __init__(self) -> None:
+        self.momentum = torch.ones(1000)
+
+    def state_dict(self):
+        return {"state": {0: {"momentum": self.momentum}}, "param_groups": [{"params": [0]}]}
+
+
+def test_hookless_optimizer_copied_by_call(tmp_path, monkeypatch):
+    optimizer = HandRolledOptimizer()
+    manager = new_manager(tmp_path, model=make_model(), async_save=True)
+    delay_deferred_copy(monkeypatch, 0.3)
+
+    path = manager.save_checkpoint(optimizer=optimizer, step=1)
+    optimizer.momentum.add_(1.0)
+    manager.wait_for_checkpoints()
+
+    from safetensors.torch import load_file
+
+    saved = load_file(Path(path) / "optimizer.safetensors")
+    assert [torch.equal(value, torch.ones(1000)) for value in saved.values()] == [True]
+
+
 def test_close_removes_step_hook(tmp_path):
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters())

@@ -154,6 +154,22 @@ class _SaveRequest:
     optimizer: Any = None
 
 
+def _step_hook_target(optimizer: Any) -> torch.optim.Optimizer | None:
+    """Return the optimizer whose step pre-hooks run on ``optimizer.step()``, or None.
+
+    Wrappers such as accelerate's AcceleratedOptimizer subclass Optimizer without its
+    hook machinery, and call the optimizer they wrap (``.optimizer``), whose hooks do run.
+    """
+    for candidate in (optimizer, getattr(optimizer, "optimizer", None)):
+        if (
+            isinstance(candidate, torch.optim.Optimizer)
+            and hasattr(candidate, "_optimizer_step_pre_hooks")
+            and getattr(type(candidate).step, "hooked", False)
+        ):
+            return candidate
+    return None
+
+
 class HFManager:
     """Checkpoints, retention, tracking and Hub sync for one training run.
 
@@ -535,7 +551,8 @@ class HFManager:
         Returns False, and the save copies the optimizer's state before returning, for an
         object without torch's step hooks.
         """
-        if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = _step_hook_target(optimizer)
+        if optimizer is None:
             return False
         if optimizer not in self._guarded_optimizers:
             manager = weakref.ref(self)
