@@ -187,7 +187,7 @@ def memory_table(memory: dict[str, dict], labels: dict[str, str]) -> list[str]:
         lines.append(
             f"| {labels.get(key, key)} | {entry['before_kib'] / 1024:.0f} "
             f"| {entry['peak_kib'] / 1024:.0f} "
-            f"| {increase / 2**20:.0f} | {100 * increase / entry['state_bytes']:.1f} % |"
+            f"| {increase / 2**20:.0f} | {100 * increase / entry['state_bytes']:.2f} % |"
         )
     return lines
 
@@ -288,8 +288,9 @@ def target_lines(states: list[StateResults], memory: dict[str, dict], listing: d
             ))
             continue
         share = max(0, entry["peak_kib"] - entry["before_kib"]) * 1024 / entry["state_bytes"]
+        # Two decimals: a miss of a hundredth of a percent would otherwise read "100.0 %".
         lines.append(_row(
-            "5", target, "large", f"{share * 100:.1f} %", _verdict(share, goal, at_least=False)
+            "5", target, "large", f"{share * 100:.2f} %", _verdict(share, goal, at_least=False)
         ))
     return lines
 

@@ -465,3 +465,21 @@ def test_subprocess_push_pull(run_dir, hub, repo_id):
     usage = run_cli("pull")
     assert usage.returncode == 2
     assert "--repo-id" in usage.stderr
+
+
+@pytest.mark.slow
+def test_subprocess_closed_pipe_is_quiet(run_dir):
+    # The reader closes its end before the command writes, as `| head` does once satisfied.
+    process = subprocess.Popen(
+        [str(EXECUTABLE), "list", *dirs(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ),
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    process.wait(timeout=120)
+
+    assert "Error" not in stderr
+    assert "Traceback" not in stderr
+    assert process.returncode == 1

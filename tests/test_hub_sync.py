@@ -710,3 +710,19 @@ def test_late_endpoint_variable_applies(hub, repo_id, tmp_path, monkeypatch, cap
     assert constants.ENDPOINT == hub.endpoint
     assert "set after huggingface_hub was imported" in caplog.text
     manager.close()
+
+
+def test_late_disable_xet_variable_applies(hub, repo_id, tmp_path, monkeypatch, caplog):
+    # The client read HF_HUB_DISABLE_XET as unset at import. Left that way, an upload would ask
+    # the local server (which has no Xet) for a Xet write token and fail.
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    manager = make_manager(tmp_path, repo_id, model=small_model())
+    manager.save_checkpoint(step=1)
+
+    manager.push()
+
+    assert hub_checkpoints(repo_id) == {"checkpoint-step-1"}
+    assert constants.HF_HUB_DISABLE_XET is True
+    assert "HF_HUB_DISABLE_XET was set after huggingface_hub was imported" in caplog.text
+    manager.close()

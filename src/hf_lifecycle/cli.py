@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -164,6 +166,13 @@ def _reports_errors(command: CommandFunction) -> CommandFunction:
         # typer's own Exit does not derive from click's in every typer release (0.29 included).
         except (typer.Exit, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except BrokenPipeError:
+            # The reader (`| head`, for example) stopped reading: nothing to report. stdout
+            # goes to devnull so that flushing it at exit raises nothing more, as the Python
+            # documentation on SIGPIPE advises.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise typer.Exit(code=1) from None
         except Exception as err:  # noqa: BLE001 - every failure ends as one line
             logger.debug("Command failed", exc_info=True)
             typer.echo(f"Error: {one_line(err)}", err=True)

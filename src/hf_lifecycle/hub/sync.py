@@ -113,7 +113,8 @@ def resolve_token(explicit: str | None) -> str | None:
 
 
 def hub_endpoint() -> str:
-    """Return the Hub URL, making huggingface_hub agree with ``HF_ENDPOINT`` when it was set late.
+    """Return the Hub URL, making huggingface_hub agree with ``HF_ENDPOINT`` (and
+    ``HF_HUB_DISABLE_XET``) when they were set after its import.
 
     huggingface_hub reads ``HF_ENDPOINT`` once, at import. A caller who sets it afterwards
     expects it to apply, and some client calls (YAML validation of model cards) always use the
@@ -122,6 +123,15 @@ def hub_endpoint() -> str:
     """
     from huggingface_hub import constants
 
+    if os.environ.get("HF_HUB_DISABLE_XET", "").upper() in constants.ENV_VARS_TRUE_VALUES:
+        if not constants.HF_HUB_DISABLE_XET:
+            # The client reads this constant at every upload, so setting it here takes effect.
+            # Left alone, uploads request a Xet token from servers without Xet and fail.
+            logger.warning(
+                "HF_HUB_DISABLE_XET was set after huggingface_hub was imported; applying it. "
+                "Set it before importing huggingface_hub or transformers."
+            )
+            constants.HF_HUB_DISABLE_XET = True
     configured = os.environ.get("HF_ENDPOINT", "").rstrip("/")
     current = constants.ENDPOINT.rstrip("/")
     if configured and configured != current:
