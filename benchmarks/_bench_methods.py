@@ -40,6 +40,11 @@ class Method:
         """Return why the method cannot run here, or None when it can."""
         return None
 
+    def switch_state(self, state: TrainingState) -> bool:
+        """Save ``state`` from now on, keeping everything else; False where that is not possible."""
+        self.state = state
+        return True
+
     def output(self, rep: int) -> Path:
         return self.folder / f"rep-{rep}"
 
@@ -286,6 +291,9 @@ class AccelerateState(Method):
 
     def available(self) -> str | None:
         return self._missing
+
+    def switch_state(self, state: TrainingState) -> bool:
+        return False  # The Accelerator saves the objects it prepared in __init__.
 
     def save(self, rep: int) -> dict[str, float]:
         return {"save": _timed(self._save, self.output(rep))}
