@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import subprocess
@@ -416,3 +417,22 @@ def test_split_ranges_cover_every_byte(parts):
     assert position == sum(sizes)
     totals = [sum(piece[2] for piece in share) for share in shares]
     assert max(totals) - min(totals) <= -(-sum(sizes) // parts)
+
+
+def test_pickled_custom_state_frozen_at_call(tmp_path, monkeypatch):
+    manager = new_manager(tmp_path, model=make_model())
+    write_state = manager_module.write_state
+
+    def late_write(*args, **kwargs):
+        time.sleep(0.3)  # The change below happens before the worker writes.
+        return write_state(*args, **kwargs)
+
+    monkeypatch.setattr(manager_module, "write_state", late_write)
+    history = collections.deque([1])  # Not JSON: saved with pickle.
+
+    manager.save_checkpoint(step=1, custom_state={"history": history}, allow_pickle=True, blocking=False)
+    history.append(2)
+    manager.wait_for_checkpoints()
+
+    loaded = manager.load_checkpoint("checkpoint-step-1", allow_pickle=True)
+    assert list(loaded["custom_state"]["history"]) == [1]

@@ -10,7 +10,8 @@ import pytest
 import safetensors
 import torch
 
-from hf_lifecycle import ConfigurationError, HFManager, load_model_weights
+from hf_lifecycle import CheckpointSaveError, ConfigurationError, HFManager, load_model_weights
+from hf_lifecycle.final_model import PUBLISHED_RECORD
 
 FORMATS = ["pt", "safetensors"]
 WEIGHT_FILES = {"pt": "pytorch_model.bin", "safetensors": "model.safetensors"}
@@ -34,6 +35,11 @@ def tiny_lm(seed: int) -> TinyLM:
 
 def new_manager(tmp_path: Path) -> HFManager:
     return HFManager(local_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt")
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Hidden files in ``folder`` other than the record of published model files."""
+    return [name for name in os.listdir(folder) if name.startswith(".") and name != PUBLISHED_RECORD]
 
 
 def assert_same_weights(expected: torch.nn.Module, actual: torch.nn.Module) -> None:
@@ -85,7 +91,7 @@ def test_final_model_replace_drops_old_files(tmp_path, first, second):
     folder = manager.save_final_model(tiny_lm(1), format=second)
 
     assert os.listdir(folder) == [WEIGHT_FILES[second]]
-    assert [name for name in os.listdir(tmp_path / "out") if name.startswith(".")] == []
+    assert leftovers(tmp_path / "out") == []
     restored = tiny_lm(2)
     load_model_weights(restored, folder)
     assert_same_weights(tiny_lm(1), restored)
@@ -141,10 +147,74 @@ def test_local_dir_holds_latest_final_model(tmp_path, first, second):
     assert (root / WEIGHT_FILES[second]).is_file()
     assert not (root / WEIGHT_FILES[first]).exists()
     assert not (root / "config.json").exists()  # The later save has no config.
-    assert [name for name in os.listdir(root) if name.startswith(".")] == []
+    assert leftovers(root) == []
     restored = tiny_lm(2)
     load_model_weights(restored, root)
     assert_same_weights(tiny_lm(1), restored)
     earlier = tiny_lm(2)
     load_model_weights(earlier, root / "early")
     assert_same_weights(tiny_lm(0), earlier)
+
+
+@pytest.mark.parametrize("config", [None, {"vocab": 11}])
+def test_users_own_config_left_alone(tmp_path, config, caplog):
+    root = tmp_path / "out"
+    root.mkdir()
+    (root / "config.json").write_text('{"mine": true}')
+    manager = new_manager(tmp_path)
+
+    folder = manager.save_final_model(tiny_lm(0), format="safetensors", config=config)
+
+    assert (root / "config.json").read_text() == '{"mine": true}'
+    assert not (root / "model.safetensors").exists()
+    assert "was not written by save_final_model" in caplog.text
+    restored = tiny_lm(1)
+    load_model_weights(restored, folder)
+    assert_same_weights(tiny_lm(0), restored)
+
+
+def test_symlinked_weights_left_alone(tmp_path, caplog):
+    root = tmp_path / "out"
+    root.mkdir()
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    elsewhere.write_bytes(b"not ours")
+    (root / "model.safetensors").symlink_to(elsewhere)
+    manager = new_manager(tmp_path)
+
+    manager.save_final_model(tiny_lm(0), format="pt")
+
+    assert (root / "model.safetensors").is_symlink()
+    assert elsewhere.read_bytes() == b"not ours"
+    assert not (root / "pytorch_model.bin").exists()
+    assert "model.safetensors" in caplog.text
+
+
+def test_failed_link_leaves_no_mixed_files(tmp_path, monkeypatch):
+    root = tmp_path / "out"
+    manager = new_manager(tmp_path)
+    manager.save_final_model(tiny_lm(0), format="safetensors", config={"version": 1})
+    real_link = os.link
+
+    def failing_link(source, target):
+        if Path(source).name != "model.safetensors":
+            return real_link(source, target)
+        raise OSError(28, "No space left on device")
+
+    def failing_copy(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "link", failing_link)
+    monkeypatch.setattr("shutil.copyfile", failing_copy)
+
+    with pytest.raises(CheckpointSaveError) as caught:
+        manager.save_final_model(tiny_lm(1), format="safetensors", config={"version": 2})
+
+    assert str(root / "final_model") in str(caught.value)
+    assert not (root / "config.json").exists()
+    assert not (root / "model.safetensors").exists()
+    restored = tiny_lm(2)
+    load_model_weights(restored, root / "final_model")
+    assert_same_weights(tiny_lm(1), restored)
+    monkeypatch.undo()
+    manager.save_final_model(tiny_lm(1), format="safetensors", config={"version": 2})
+    assert json.loads((root / "config.json").read_text()) == {"version": 2}

@@ -726,3 +726,37 @@ def test_late_disable_xet_variable_applies(hub, repo_id, tmp_path, monkeypatch, 
     assert constants.HF_HUB_DISABLE_XET is True
     assert "HF_HUB_DISABLE_XET was set after huggingface_hub was imported" in caplog.text
     manager.close()
+
+
+def metadata_checkpoint_names(folder: Path) -> list[str]:
+    metadata = json.loads((folder / "outputs" / "experiment_metadata.json").read_text())
+    return [checkpoint["name"] for checkpoint in metadata["checkpoints"]]
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_metadata_lists_kept_checkpoints_after_pushes(hub, repo_id, tmp_path, blocking):
+    # Retention deletes a pushed checkpoint only once its push is done, in the push job; the
+    # metadata file must follow that deletion too.
+    manager = make_manager(tmp_path, repo_id, auto_push=True, retention_policy=KeepLastN(1))
+    for step in range(1, 4):
+        manager.save_checkpoint(small_model(), step=step, blocking=blocking)
+    manager.close()
+
+    names = metadata_checkpoint_names(tmp_path)
+    assert names == ["checkpoint-step-3"]
+    assert names == [checkpoint["name"] for checkpoint in manager.list_checkpoints()]
+
+
+def test_failing_policy_still_pushes(hub, repo_id, tmp_path):
+    def broken_policy(checkpoints):
+        raise ValueError("policy failed")
+
+    manager = make_manager(tmp_path, repo_id, auto_push=True, retention_policy=broken_policy)
+
+    with pytest.raises(ValueError, match="policy failed"):
+        manager.save_checkpoint(small_model(), step=1)
+    manager.wait_for_pushes()
+
+    assert hub_checkpoints(repo_id) == {"checkpoint-step-1"}
+    assert metadata_checkpoint_names(tmp_path) == ["checkpoint-step-1"]
+    manager.close()

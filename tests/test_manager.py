@@ -403,3 +403,55 @@ def test_new_manager_removes_stale_temporaries(tmp_path):
 
     assert not stale.exists()
     assert live.exists()
+
+
+class WithExtraTensors(torch.nn.Module):
+    """A module whose extra state (get_extra_state) contains a tensor."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+        self.extra = {"table": torch.arange(3.0) * scale, "name": "table"}
+
+    def get_extra_state(self):
+        return self.extra
+
+    def set_extra_state(self, state) -> None:
+        self.extra = state
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_extra_state_tensors_round_trip(tmp_path, blocking):
+    manager = new_manager(tmp_path)
+    manager.save_checkpoint(model=WithExtraTensors(2.0), step=1, blocking=blocking)
+    manager.wait_for_checkpoints()
+
+    restored = WithExtraTensors(0.0)
+    manager.load_checkpoint("checkpoint-step-1", model=restored)
+
+    assert torch.equal(restored.extra["table"], torch.arange(3.0) * 2.0)
+    assert restored.extra["name"] == "table"
+
+
+class WithConjugateView(torch.nn.Module):
+    """A complex buffer and a lazy .conj() view of it, which shares its bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        values = torch.tensor([1 + 2j, 3 - 4j])
+        self.register_buffer("values", values)
+        self.register_buffer("conjugate", values.conj())
+
+
+def test_conjugate_view_not_stored_as_alias(tmp_path):
+    manager = new_manager(tmp_path)
+    original = WithConjugateView()
+    manager.save_checkpoint(model=original, name="complex")
+
+    restored = WithConjugateView()
+    with torch.no_grad():
+        restored.values.zero_()
+    manager.load_checkpoint("complex", model=restored)
+
+    assert restored.conjugate.resolve_conj().tolist() == [1 - 2j, 3 + 4j]
+    assert restored.values.tolist() == [1 + 2j, 3 - 4j]

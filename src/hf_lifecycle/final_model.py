@@ -8,6 +8,7 @@ transformers' ``save_pretrained`` does, and come back tied through
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 
-from hf_lifecycle._io import fsync_dir, temp_path
+from hf_lifecycle._io import atomic_write_bytes, fsync_dir, temp_path
 from hf_lifecycle.checkpoint.serialize import (
     ALIASES_METADATA_KEY,
     config_to_json,
@@ -27,6 +28,8 @@ from hf_lifecycle.checkpoint.serialize import (
 from hf_lifecycle.checkpoint.store import _rename_exchange
 from hf_lifecycle.checkpoint.tensorfile import read_tensors, write_bytes, write_tensors
 from hf_lifecycle.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 SAFETENSORS_WEIGHTS = "model.safetensors"
 PT_WEIGHTS = "pytorch_model.bin"
@@ -91,37 +94,107 @@ def save_model_folder(
     return folder
 
 
+# Records which model files in local_dir save_final_model linked there (by inode and size),
+# so that a later save replaces or removes only those and never a file of the user's.
+PUBLISHED_RECORD = ".hf_lifecycle_final_model.json"
+
+
 def publish_model_files(folder: Path, root: Path) -> list[str]:
     """Link the model files of ``folder`` into ``root``, so ``from_pretrained(root)`` loads them.
 
     Each file is hard-linked (copied where links are not supported) under a temporary name
-    and renamed into place. Model files in ``root`` that ``folder`` lacks, such as the
-    weights of the other format from an earlier save, are removed: ``from_pretrained``
-    prefers ``model.safetensors`` and would otherwise load stale weights. Returns the names
-    now in ``root``.
+    and renamed into place. Model files that an earlier call linked into ``root`` and that
+    ``folder`` lacks, such as the weights of the other format, are removed: ``from_pretrained``
+    prefers ``model.safetensors`` and would otherwise load stale weights. A model file in
+    ``root`` that no call linked there (the user's own, or a symlink) is left alone, and then
+    nothing is linked: an empty list is returned, with a warning. Returns the names linked.
     """
-    published = []
-    for name in sorted(_MODEL_FILES):
-        source, target = folder / name, root / name
-        if not source.is_file():
-            if target.is_file() and not target.is_symlink():
-                target.unlink()
-            continue
-        temp = temp_path(target)
+    owned = _read_published(root)
+    foreign = [
+        name for name in sorted(_MODEL_FILES) if _lexists(root / name) and not _owned(root / name, owned)
+    ]
+    if foreign:
+        logger.warning(
+            "The final model is saved in %s only: %s in %s was not written by save_final_model, "
+            "so it is left alone. Move it away to load the final model from %s itself.",
+            folder, " and ".join(foreign), root, root,
+        )
+        return []
+    sources = {name: folder / name for name in sorted(_MODEL_FILES) if (folder / name).is_file()}
+    # Recorded before anything changes, so that files linked by a publish that is interrupted
+    # still count as this library's on the next one.
+    expected = {name: owned.get(name, []) + [_identity(path)] for name, path in sources.items()}
+    _write_published(root, expected)
+    published: dict[str, list[list[int]]] = {}
+    try:
+        for name in sorted(_MODEL_FILES):
+            target = root / name
+            if name not in sources:
+                target.unlink(missing_ok=True)
+                continue
+            _link_or_copy(sources[name], target)
+            published[name] = [_identity(target)]
+        fsync_dir(root)
+    except BaseException:
+        # Leave no mix of this model's files and an earlier one's in root.
+        for name in _MODEL_FILES:
+            if _owned(root / name, expected):
+                (root / name).unlink(missing_ok=True)
+        raise
+    _write_published(root, published)
+    return sorted(published)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    temp = temp_path(target)
+    try:
         try:
             os.link(source, temp)
         except OSError:
             shutil.copyfile(source, temp)
             with open(temp, "rb") as handle:
                 os.fsync(handle.fileno())
-        try:
-            os.replace(temp, target)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        published.append(name)
-    fsync_dir(root)
-    return published
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _identity(path: Path) -> list[int]:
+    stat = os.stat(path)
+    return [stat.st_ino, stat.st_size]
+
+
+def _lexists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _owned(path: Path, owned: Mapping[str, list[list[int]]]) -> bool:
+    """True when ``path`` is a regular file that a publish linked (same inode and size)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    return _identity(path) in owned.get(path.name, [])
+
+
+def _read_published(root: Path) -> dict[str, list[list[int]]]:
+    try:
+        data = json.loads((root / PUBLISHED_RECORD).read_text(encoding="utf-8"))
+        files = data["files"]
+        return {
+            str(name): [[int(number) for number in identity] for identity in identities]
+            for name, identities in files.items()
+        }
+    except FileNotFoundError:
+        return {}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        logger.warning("Ignoring unreadable %s: %s", root / PUBLISHED_RECORD, err)
+        return {}
+
+
+def _write_published(root: Path, files: Mapping[str, list[list[int]]]) -> None:
+    atomic_write_bytes(
+        root / PUBLISHED_RECORD,
+        json.dumps({"format_version": 1, "files": dict(files)}, sort_keys=True).encode("utf-8"),
+    )
 
 
 def _check_replaceable(folder: Path) -> None:

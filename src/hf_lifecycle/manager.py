@@ -623,16 +623,20 @@ class HFManager:
             hub.token(required=True)  # A missing token fails here, in the caller's thread.
             hub.unpushed.add(info.name)
         checkpoints = self.store.list()
-        plan = self._plan_retention(self._protected_checkpoints(), checkpoints)
-        if plan.delete:
-            deleted = set(self.store.delete(plan.delete))
-            checkpoints = [item for item in checkpoints if item.name not in deleted]
+        retention_error = None
+        try:
+            checkpoints, _ = self._apply_retention(self._protected_checkpoints(), checkpoints)
+        except Exception as err:  # noqa: BLE001 - raised below, once the metadata and push are done
+            retention_error = err
+            checkpoints = None
         try:
             self._write_metadata(checkpoints=checkpoints)
         except OSError as err:
             logger.warning("Checkpoint %s is saved, but writing the metadata failed: %s", info.name, err)
         if hub is not None:
             self._enqueue_push(info)
+        if retention_error is not None:
+            raise retention_error
 
     # Retention -------------------------------------------------------------------------------
 
@@ -643,10 +647,36 @@ class HFManager:
     @on_main_rank("Applying the retention policy")
     def cleanup_checkpoints(self, dry_run: bool = False) -> list[str]:
         """Apply the retention policy. Returns the names deleted (or, with dry_run, to delete)."""
-        plan = self._plan_retention(self._protected_checkpoints())
-        if dry_run or not plan.delete:
-            return list(plan.delete)
-        return self.store.delete(plan.delete)
+        if dry_run:
+            return list(self._plan_retention(self._protected_checkpoints()).delete)
+        _, deleted = self._apply_retention(self._protected_checkpoints(), update_metadata=True)
+        return deleted
+
+    def _apply_retention(
+        self,
+        protected: set[str],
+        checkpoints: list[CheckpointInfo] | None = None,
+        *,
+        update_metadata: bool = False,
+    ) -> tuple[list[CheckpointInfo], list[str]]:
+        """Delete what the policy does not keep; return the remaining checkpoints and the deleted.
+
+        With ``update_metadata``, a deletion also rewrites the metadata file, so that it never
+        lists a deleted checkpoint.
+        """
+        if checkpoints is None:
+            checkpoints = self.store.list()
+        plan = self._plan_retention(protected, checkpoints)
+        if not plan.delete:
+            return checkpoints, []
+        deleted = self.store.delete(plan.delete)
+        remaining = [item for item in checkpoints if item.name not in set(deleted)]
+        if update_metadata and deleted:
+            try:
+                self._write_metadata(checkpoints=remaining)
+            except OSError as err:
+                logger.warning("Deleted %s, but rewriting the metadata failed: %s", ", ".join(deleted), err)
+        return remaining, deleted
 
     def _plan_retention(
         self, protected: set[str], checkpoints: list[CheckpointInfo] | None = None
@@ -855,22 +885,26 @@ class HFManager:
         folder = save_model_folder(
             model, self.local_dir / name, format=format, config=config, state_dict=state
         )
+        self._final_model = {
+            "name": name,
+            "path": str(folder),
+            "format": format,
+            "files": sorted(path.name for path in folder.iterdir()),
+            "also_in_local_dir": [],
+        }
         try:
-            published = publish_model_files(folder, self.local_dir)
+            self._final_model["also_in_local_dir"] = publish_model_files(folder, self.local_dir)
         except OSError as err:
+            try:
+                self._write_metadata()
+            except OSError as metadata_error:
+                logger.warning("Writing the metadata failed too: %s", metadata_error)
             raise CheckpointSaveError(
                 f"The final model is saved in {folder}, but linking its files into "
                 f"{self.local_dir} failed: {err}. Load it from {folder}, or free space or fix "
                 f"permissions in {self.local_dir} and save again.",
                 path=str(folder),
             ) from err
-        self._final_model = {
-            "name": name,
-            "path": str(folder),
-            "format": format,
-            "files": sorted(path.name for path in folder.iterdir()),
-            "also_in_local_dir": published,
-        }
         self.save_metadata()
         logger.info("Saved the final model to %s", folder)
         return self._final_model
@@ -944,9 +978,11 @@ class HFManager:
             # Retention skipped this checkpoint while its push was pending; apply it now. The
             # queue lists the checkpoint as pending until this job returns, so it is passed as
             # finished to leave it unprotected.
-            plan = self._plan_retention(hub.protected(finished=info.name))
-            if plan.delete:
-                self.store.delete(plan.delete)
+            try:
+                self._apply_retention(hub.protected(finished=info.name), update_metadata=True)
+            except Exception as err:  # noqa: BLE001 - the push itself succeeded
+                # The next save runs retention again and raises this error to the caller.
+                logger.warning("Pushed %s, but applying retention after it failed: %s", info.name, err)
 
         hub.queue.submit(info.name, job)
 

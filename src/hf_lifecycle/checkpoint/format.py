@@ -38,6 +38,9 @@ class EncodedState:
         self.tree: Any = None
         self.tensors: dict[str, torch.Tensor] = {}
         self.pickled: dict[str, Any] = {}
+        # The pickled values already serialized, when they must not change after the save
+        # call (an asynchronous save); None to serialize them when the file is written.
+        self.pickled_bytes: bytes | None = None
 
 
 def encode_state(state: Any, *, root: str, allow_pickle: bool = False) -> EncodedState:

@@ -4,6 +4,7 @@ A checkpoint folder holds::
 
     model.safetensors          model weights (shared tensors stored once, aliases in metadata)
     model_extra.json           non-tensor entries of the model's state dict, when there are any
+    model_extra.safetensors    tensors inside those entries (get_extra_state), when there are any
     optimizer.json/.safetensors
     scheduler.json/.safetensors
     rng_state.json/.safetensors
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 MODEL_EXTRA_FILE = "model_extra.json"
+MODEL_EXTRA_TENSORS_FILE = "model_extra.safetensors"
 CONFIG_FILE = "config.json"
 PICKLE_FILE = "custom_state.pkl"
 STATE_COMPONENTS = ("optimizer", "scheduler", "rng_state", "custom_state")
@@ -137,8 +139,10 @@ def split_shared(
         if value.numel() and value.device.type != "meta":
             # data_ptr() already includes the storage offset; it is much cheaper than asking
             # for the storage, which matters for models with thousands of tensors.
+            # A .conj() or negated view shares the bytes but not the values.
             identity = (
-                value.device, value.data_ptr(), tuple(value.shape), value.stride(), value.dtype
+                value.device, value.data_ptr(), tuple(value.shape), value.stride(), value.dtype,
+                value.is_conj(), value.is_neg(),
             )
             if identity in seen:
                 aliases[key] = seen[identity]
@@ -268,6 +272,13 @@ def write_state(pending: PendingCheckpoint, state: CheckpointState) -> dict[str,
                 MODEL_EXTRA_FILE, write_bytes(folder / MODEL_EXTRA_FILE, _tree_bytes(state.model_extra))
             )
             entry["files"].append(MODEL_EXTRA_FILE)
+            if state.model_extra.tensors:
+                # Tensors inside extra state (get_extra_state), referenced from its JSON tree.
+                pending.add(
+                    MODEL_EXTRA_TENSORS_FILE,
+                    write_tensors(folder / MODEL_EXTRA_TENSORS_FILE, state.model_extra.tensors),
+                )
+                entry["files"].append(MODEL_EXTRA_TENSORS_FILE)
         components["model"] = entry
     for name, encoded in state.components.items():
         files = [f"{name}.json"]
@@ -277,7 +288,10 @@ def write_state(pending: PendingCheckpoint, state: CheckpointState) -> dict[str,
             pending.add(files[1], write_tensors(folder / files[1], encoded.tensors))
         if encoded.pickled:
             files.append(PICKLE_FILE)
-            pending.add(PICKLE_FILE, write_bytes(folder / PICKLE_FILE, dumps_pickled(encoded.pickled)))
+            data = encoded.pickled_bytes
+            if data is None:
+                data = dumps_pickled(encoded.pickled)
+            pending.add(PICKLE_FILE, write_bytes(folder / PICKLE_FILE, data))
         components[name] = {"files": files, "pickle": bool(encoded.pickled)}
     if state.config is not None:
         pending.add(CONFIG_FILE, write_bytes(folder / CONFIG_FILE, state.config))
@@ -358,9 +372,15 @@ def _read_state(
     if "model" in components:
         tensors, _ = read_tensors(folder / MODEL_FILE, record(MODEL_FILE))
         state: dict[str, Any] = join_shared(tensors, components["model"].get("aliases") or {})
-        if MODEL_EXTRA_FILE in components["model"].get("files", []):
+        model_files = components["model"].get("files", [])
+        if MODEL_EXTRA_FILE in model_files:
             tree = json.loads(read_verified_bytes(folder / MODEL_EXTRA_FILE, record(MODEL_EXTRA_FILE)))
-            state.update(decode_state(tree, {}))
+            extra_tensors: dict[str, torch.Tensor] = {}
+            if MODEL_EXTRA_TENSORS_FILE in model_files:
+                extra_tensors, _ = read_tensors(
+                    folder / MODEL_EXTRA_TENSORS_FILE, record(MODEL_EXTRA_TENSORS_FILE)
+                )
+            state.update(decode_state(tree, extra_tensors))
         loaded.model_state = state
     for name in STATE_COMPONENTS:
         if name not in components:

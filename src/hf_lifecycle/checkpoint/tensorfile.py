@@ -143,6 +143,9 @@ def _prepare(key: str, tensor: object) -> torch.Tensor:
         tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.to("cpu")
+    if tensor.is_conj() or tensor.is_neg():
+        # Lazy .conj() and negated views: their bytes are those of the original tensor.
+        tensor = tensor.resolve_conj().resolve_neg()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
     return tensor

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hf_lifecycle.checkpoint.format import EncodedState
+from hf_lifecycle.checkpoint.format import EncodedState, dumps_pickled
 from hf_lifecycle.checkpoint.serialize import CheckpointState
 from hf_lifecycle.errors import CheckpointSaveError
 
@@ -255,6 +255,9 @@ def snapshot_state(
         copied = EncodedState()
         copied.tree = encoded.tree
         copied.pickled = encoded.pickled
+        if encoded.pickled:
+            # Pickled now: the objects may change once the call returns.
+            copied.pickled_bytes = dumps_pickled(encoded.pickled)
         later = prefix in defer and all(t.device.type == "cpu" for t in encoded.tensors.values())
         copied.tensors = buffers_for(prefix, encoded.tensors, later)
         return copied
