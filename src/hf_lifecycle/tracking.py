@@ -1070,8 +1070,9 @@ def _newest_first(checkpoints: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(reversed(checkpoints))
 
 
-def _checkpoint_line(checkpoint: Mapping[str, Any]) -> str:
-    parts = [str(checkpoint.get("name", "?"))]
+def _checkpoint_line(checkpoint: Mapping[str, Any], width: int = 0) -> str:
+    # Names padded to ``width``, so the steps and metrics of the lines start in one column.
+    parts = [str(checkpoint.get("name", "?")).ljust(width)]
     if checkpoint.get("step") is not None:
         parts.append(f"step {checkpoint['step']}")
     if checkpoint.get("epoch") is not None:
@@ -1133,7 +1134,8 @@ def format_summary(
 
     lines += ["", "Checkpoints kept (newest first)"]
     ordered = _newest_first([_plain_dict(item, "checkpoint") for item in checkpoints])
-    lines.extend(_checkpoint_line(checkpoint) for checkpoint in ordered)
+    width = max((len(str(checkpoint.get("name", "?"))) for checkpoint in ordered), default=0)
+    lines.extend(_checkpoint_line(checkpoint, width).rstrip() for checkpoint in ordered)
     if not ordered:
         lines.append("  none")
 
