@@ -95,6 +95,7 @@ def _finish(args: argparse.Namespace, repo_id: str) -> None:
     print(f"  final model:        {final_dir}")
     for path in sorted(Path(final_dir).iterdir()):
         print(f"    {path.name}")
+    print(f"    (also linked into {manager.local_dir}, so from_pretrained loads either folder)")
     print(f"  metadata:           {manager.local_dir / 'experiment_metadata.json'}")
     print(f"  model card:         {manager.local_dir / 'README.md'}")
     print(f"  metric curves:      {manager.local_dir / 'metrics.png'}")
