@@ -140,7 +140,7 @@ def test_ddp_saves_retention_and_push(tmp_path, hub, repo_id):
     assert [Path(path).name for path in rank0["paths"]] == saved
     assert rank1["paths"] == rank0["paths"]
     # Rank 0's push thread deletes what retention no longer keeps once a push finishes, so a
-    # listing taken in between may still show it, on either rank. Each listing holds the two
+    # listing taken in between may still show it, on either rank. Each listing contains the two
     # newest checkpoints and nothing that was not saved yet, newest first.
     for index in range(len(saved)):
         expected = saved[: index + 1][::-1]
