@@ -436,3 +436,22 @@ def test_pickled_custom_state_frozen_at_call(tmp_path, monkeypatch):
 
     loaded = manager.load_checkpoint("checkpoint-step-1", allow_pickle=True)
     assert list(loaded["custom_state"]["history"]) == [1]
+
+
+def test_tensor_lr_changed_by_scheduler_after_call(tmp_path, monkeypatch):
+    # LR schedulers change a tensor lr in place (fill_), outside optimizer.step().
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    train_step(model, optimizer)
+    manager = new_manager(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler)
+    delay_deferred_copy(monkeypatch, 0.3)
+
+    manager.save_checkpoint(step=1, blocking=False)
+    scheduler.step()
+    manager.wait_for_checkpoints()
+
+    fresh = make_model()
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=torch.tensor(0.5))
+    manager.load_checkpoint("checkpoint-step-1", fresh, fresh_optimizer)
+    assert float(fresh_optimizer.param_groups[0]["lr"]) == pytest.approx(1e-3)

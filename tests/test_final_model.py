@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,13 @@ def tiny_lm(seed: int) -> TinyLM:
 
 def new_manager(tmp_path: Path) -> HFManager:
     return HFManager(local_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt")
+
+
+def assert_holds_model(path: str | Path, seed: int) -> None:
+    """Check that the weights saved at ``path`` are those of ``tiny_lm(seed)``."""
+    restored = tiny_lm(seed + 100)
+    load_model_weights(restored, path)
+    assert_same_weights(tiny_lm(seed), restored)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -92,9 +100,7 @@ def test_final_model_replace_drops_old_files(tmp_path, first, second):
 
     assert os.listdir(folder) == [WEIGHT_FILES[second]]
     assert leftovers(tmp_path / "out") == []
-    restored = tiny_lm(2)
-    load_model_weights(restored, folder)
-    assert_same_weights(tiny_lm(1), restored)
+    assert_holds_model(folder, 1)
 
 
 def test_final_model_needs_model(tmp_path):
@@ -148,9 +154,7 @@ def test_local_dir_holds_latest_final_model(tmp_path, first, second):
     assert not (root / WEIGHT_FILES[first]).exists()
     assert not (root / "config.json").exists()  # The later save has no config.
     assert leftovers(root) == []
-    restored = tiny_lm(2)
-    load_model_weights(restored, root)
-    assert_same_weights(tiny_lm(1), restored)
+    assert_holds_model(root, 1)
     earlier = tiny_lm(2)
     load_model_weights(earlier, root / "early")
     assert_same_weights(tiny_lm(0), earlier)
@@ -168,9 +172,7 @@ def test_users_own_config_left_alone(tmp_path, config, caplog):
     assert (root / "config.json").read_text() == '{"mine": true}'
     assert not (root / "model.safetensors").exists()
     assert "was not written by save_final_model" in caplog.text
-    restored = tiny_lm(1)
-    load_model_weights(restored, folder)
-    assert_same_weights(tiny_lm(0), restored)
+    assert_holds_model(folder, 0)
 
 
 def test_symlinked_weights_left_alone(tmp_path, caplog):
@@ -189,22 +191,27 @@ def test_symlinked_weights_left_alone(tmp_path, caplog):
     assert "model.safetensors" in caplog.text
 
 
+def fail_linking(monkeypatch, name: str) -> None:
+    """Make linking (and the copy that replaces it) fail for files called ``name``."""
+    real_link, real_copy = os.link, shutil.copyfile
+
+    def failing(real):
+        def call(source, target):
+            if Path(source).name != name:
+                return real(source, target)
+            raise OSError(28, "No space left on device")
+
+        return call
+
+    monkeypatch.setattr(os, "link", failing(real_link))
+    monkeypatch.setattr(shutil, "copyfile", failing(real_copy))
+
+
 def test_failed_link_leaves_no_mixed_files(tmp_path, monkeypatch):
     root = tmp_path / "out"
     manager = new_manager(tmp_path)
     manager.save_final_model(tiny_lm(0), format="safetensors", config={"version": 1})
-    real_link = os.link
-
-    def failing_link(source, target):
-        if Path(source).name != "model.safetensors":
-            return real_link(source, target)
-        raise OSError(28, "No space left on device")
-
-    def failing_copy(source, target):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(os, "link", failing_link)
-    monkeypatch.setattr("shutil.copyfile", failing_copy)
+    fail_linking(monkeypatch, "model.safetensors")
 
     with pytest.raises(CheckpointSaveError) as caught:
         manager.save_final_model(tiny_lm(1), format="safetensors", config={"version": 2})
@@ -212,9 +219,37 @@ def test_failed_link_leaves_no_mixed_files(tmp_path, monkeypatch):
     assert str(root / "final_model") in str(caught.value)
     assert not (root / "config.json").exists()
     assert not (root / "model.safetensors").exists()
-    restored = tiny_lm(2)
-    load_model_weights(restored, root / "final_model")
-    assert_same_weights(tiny_lm(1), restored)
+    assert_holds_model(root / "final_model", 1)
     monkeypatch.undo()
     manager.save_final_model(tiny_lm(1), format="safetensors", config={"version": 2})
     assert json.loads((root / "config.json").read_text()) == {"version": 2}
+
+
+def test_interrupted_format_switch_recovers(tmp_path, monkeypatch):
+    # safetensors, then a pt save whose linking fails: the next save must still know that
+    # model.safetensors in local_dir is the library's, and remove it.
+    root = tmp_path / "out"
+    manager = new_manager(tmp_path)
+    manager.save_final_model(tiny_lm(0), format="safetensors", config={"version": 1})
+    fail_linking(monkeypatch, "config.json")
+    with pytest.raises(CheckpointSaveError):
+        manager.save_final_model(tiny_lm(1), format="pt", config={"version": 2})
+    monkeypatch.undo()
+
+    manager.save_final_model(tiny_lm(1), format="pt", config={"version": 2})
+
+    assert not (root / "model.safetensors").exists()
+    assert (root / "pytorch_model.bin").is_file()
+    assert_holds_model(root, 1)
+
+
+def test_unreadable_record_ignored(tmp_path, caplog):
+    root = tmp_path / "out"
+    root.mkdir()
+    (root / PUBLISHED_RECORD).write_text('{"files": {"config.json": [[Infinity, 1]]}}')
+    manager = new_manager(tmp_path)
+
+    manager.save_final_model(tiny_lm(0), format="safetensors")
+
+    assert (root / "model.safetensors").is_file()
+    assert "Ignoring unreadable" in caplog.text

@@ -720,3 +720,36 @@ def test_read_only_folder_save_error(tmp_path, monkeypatch):
 
     with pytest.raises(CheckpointSaveError):
         manager.save_checkpoint(tiny_model(), name="x")
+
+
+class CountingModule(torch.nn.Module):
+    """Two layers and a count kept as extra state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)
+        self.count = 1
+
+    def get_extra_state(self):
+        return {"count": self.count}
+
+    def set_extra_state(self, state) -> None:
+        self.count = state["count"]
+
+
+def test_extra_state_naming_a_weight_rejected(tmp_path):
+    manager = new_manager(tmp_path)
+    folder = Path(manager.save_checkpoint(model=CountingModule(), name="crafted"))
+    tree = json.loads((folder / "model_extra.json").read_text())
+    tree["a.weight"] = 3  # An entry that would replace a weight with a number.
+    craft(folder, files={"model_extra.json": json.dumps(tree).encode()})
+    target = CountingModule()
+    before = {key: value.clone() for key, value in target.state_dict().items() if key != "_extra_state"}
+
+    with pytest.raises(CheckpointCorruptedError) as caught:
+        manager.load_checkpoint("crafted", model=target)
+
+    assert "model_extra.json" in str(caught.value)
+    for key, value in before.items():
+        assert torch.equal(target.state_dict()[key], value), key

@@ -455,3 +455,43 @@ def test_conjugate_view_not_stored_as_alias(tmp_path):
 
     assert restored.conjugate.resolve_conj().tolist() == [1 - 2j, 3 + 4j]
     assert restored.values.tolist() == [1 + 2j, 3 - 4j]
+
+
+def test_colliding_tensor_names_kept_apart(tmp_path):
+    # "a.b" at the top and "b" inside "a" get the same generated name.
+    manager = new_manager(tmp_path)
+    custom = {"a.b": torch.zeros(3), "a": {"b": torch.ones(3)}, "x[0]": torch.full((2,), 5.0),
+              "x": [torch.full((2,), 7.0)]}
+    manager.save_checkpoint(model=tiny_model(), step=1, custom_state=custom)
+
+    loaded = manager.load_checkpoint("checkpoint-step-1")["custom_state"]
+
+    assert torch.equal(loaded["a.b"], torch.zeros(3))
+    assert torch.equal(loaded["a"]["b"], torch.ones(3))
+    assert torch.equal(loaded["x[0]"], torch.full((2,), 5.0))
+    assert torch.equal(loaded["x"][0], torch.full((2,), 7.0))
+
+
+def test_cleanup_failing_midway_keeps_metadata_exact(tmp_path, monkeypatch):
+    manager = new_manager(tmp_path, retention_policy=KeepAll())
+    for step in range(4):
+        manager.save_checkpoint(model=tiny_model(), step=step)
+    manager.retention_policy = KeepLastN(1)
+    real_rename = os.rename
+    renames = []
+
+    def failing_second_rename(source, target):
+        renames.append(source)
+        if len(renames) == 2:
+            raise PermissionError(13, "Permission denied")
+        return real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", failing_second_rename)
+    with pytest.raises(PermissionError):
+        manager.cleanup_checkpoints()
+    monkeypatch.undo()
+
+    metadata = json.loads((tmp_path / "out" / "experiment_metadata.json").read_text())
+    on_disk = [checkpoint["name"] for checkpoint in manager.list_checkpoints()]
+    assert len(on_disk) == 3
+    assert [checkpoint["name"] for checkpoint in metadata["checkpoints"]] == on_disk

@@ -121,9 +121,12 @@ def publish_model_files(folder: Path, root: Path) -> list[str]:
         )
         return []
     sources = {name: folder / name for name in sorted(_MODEL_FILES) if (folder / name).is_file()}
-    # Recorded before anything changes, so that files linked by a publish that is interrupted
-    # still count as this library's on the next one.
-    expected = {name: owned.get(name, []) + [_identity(path)] for name, path in sources.items()}
+    # Recorded before anything changes, so that after an interruption the next publish still
+    # counts as its own both the files linked so far and those of the earlier model (the
+    # other format's weights, for example), and replaces or removes them.
+    expected = {name: list(identities) for name, identities in owned.items()}
+    for name, path in sources.items():
+        expected[name] = expected.get(name, []) + [_identity(path)]
     _write_published(root, expected)
     published: dict[str, list[list[int]]] = {}
     try:
@@ -185,7 +188,7 @@ def _read_published(root: Path) -> dict[str, list[list[int]]]:
         }
     except FileNotFoundError:
         return {}
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as err:
         logger.warning("Ignoring unreadable %s: %s", root / PUBLISHED_RECORD, err)
         return {}
 

@@ -255,6 +255,9 @@ class HFManager:
         # handles that close() removes.
         self._guarded_optimizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._pending_copy: DeferredCopy | None = None
+        # Serializes listing, retention and metadata writes between the caller's thread, the
+        # background save and the push jobs.
+        self._bookkeeping = threading.RLock()
         self._writer = BackgroundWriter()
         self._save_lock = threading.Lock()
         if isinstance(push_retries, bool) or not isinstance(push_retries, int) or push_retries < 0:
@@ -622,17 +625,21 @@ class HFManager:
         if hub is not None:
             hub.token(required=True)  # A missing token fails here, in the caller's thread.
             hub.unpushed.add(info.name)
-        checkpoints = self.store.list()
         retention_error = None
-        try:
-            checkpoints, _ = self._apply_retention(self._protected_checkpoints(), checkpoints)
-        except Exception as err:  # noqa: BLE001 - raised below, once the metadata and push are done
-            retention_error = err
-            checkpoints = None
-        try:
-            self._write_metadata(checkpoints=checkpoints)
-        except OSError as err:
-            logger.warning("Checkpoint %s is saved, but writing the metadata failed: %s", info.name, err)
+        # Held from the listing to the metadata write, so that retention in another thread (a
+        # push job, cleanup_checkpoints) cannot delete in between and leave the file stale.
+        with self._bookkeeping:
+            try:
+                checkpoints, _ = self._apply_retention(self._protected_checkpoints())
+            except Exception as err:  # noqa: BLE001 - raised below, once metadata and push are done
+                retention_error = err
+                checkpoints = None
+            try:
+                self._write_metadata(checkpoints=checkpoints)
+            except OSError as err:
+                logger.warning(
+                    "Checkpoint %s is saved, but writing the metadata failed: %s", info.name, err
+                )
         if hub is not None:
             self._enqueue_push(info)
         if retention_error is not None:
@@ -664,19 +671,28 @@ class HFManager:
         With ``update_metadata``, a deletion also rewrites the metadata file, so that it never
         lists a deleted checkpoint.
         """
-        if checkpoints is None:
-            checkpoints = self.store.list()
-        plan = self._plan_retention(protected, checkpoints)
-        if not plan.delete:
-            return checkpoints, []
-        deleted = self.store.delete(plan.delete)
-        remaining = [item for item in checkpoints if item.name not in set(deleted)]
-        if update_metadata and deleted:
+        with self._bookkeeping:
+            if checkpoints is None:
+                checkpoints = self.store.list()
+            plan = self._plan_retention(protected, checkpoints)
+            if not plan.delete:
+                return checkpoints, []
             try:
-                self._write_metadata(checkpoints=remaining)
-            except OSError as err:
-                logger.warning("Deleted %s, but rewriting the metadata failed: %s", ", ".join(deleted), err)
-        return remaining, deleted
+                deleted = self.store.delete(plan.delete)
+            except BaseException:
+                if update_metadata:
+                    self._rewrite_metadata_after_deletion()  # Some may be gone already.
+                raise
+            remaining = [item for item in checkpoints if item.name not in set(deleted)]
+            if update_metadata and deleted:
+                self._rewrite_metadata_after_deletion(remaining)
+            return remaining, deleted
+
+    def _rewrite_metadata_after_deletion(self, checkpoints: list[CheckpointInfo] | None = None) -> None:
+        try:
+            self._write_metadata(checkpoints=checkpoints)
+        except OSError as err:
+            logger.warning("Deleted checkpoints, but rewriting the metadata failed: %s", err)
 
     def _plan_retention(
         self, protected: set[str], checkpoints: list[CheckpointInfo] | None = None
@@ -943,7 +959,8 @@ class HFManager:
     def _write_metadata(
         self, filename: str = METADATA_FILENAME, *, checkpoints: list[CheckpointInfo] | None = None
     ) -> str:
-        return write_metadata(self.local_dir / filename, self._metadata(checkpoints))
+        with self._bookkeeping:
+            return write_metadata(self.local_dir / filename, self._metadata(checkpoints))
 
     def get_summary(self) -> str:
         return format_summary(

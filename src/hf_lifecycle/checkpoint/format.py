@@ -62,6 +62,7 @@ def _encode(value: Any, key: str, out: EncodedState, allow_pickle: bool) -> Any:
     if isinstance(value, torch.Tensor):
         if value.is_meta:
             check_has_data(key, value)
+        key = _unused(key, out.tensors)
         out.tensors[key] = value
         return {TYPE_KEY: "tensor", "key": key, "device": str(value.device)}
     if isinstance(value, _SCALARS):
@@ -73,6 +74,7 @@ def _encode(value: Any, key: str, out: EncodedState, allow_pickle: bool) -> Any:
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             return _fallback(value, key, out, allow_pickle)
+        key = _unused(key, out.tensors)
         out.tensors[key] = torch.from_numpy(np.ascontiguousarray(value))
         return {TYPE_KEY: "ndarray", "key": key, "dtype": value.dtype.str}
     if isinstance(value, np.generic):
@@ -99,6 +101,20 @@ def _encode(value: Any, key: str, out: EncodedState, allow_pickle: bool) -> Any:
     return _fallback(value, key, out, allow_pickle)
 
 
+def _unused(key: str, taken: Mapping[str, Any]) -> str:
+    """Return ``key``, or ``key#2``, ``key#3``... when another value already has that name.
+
+    Names are built from the path (``a.b``, ``a[0]``), and different paths can give the same
+    name: ``{"a.b": x, "a": {"b": y}}``. The tree records the name each value got.
+    """
+    if key not in taken:
+        return key
+    number = 2
+    while f"{key}#{number}" in taken:
+        number += 1
+    return f"{key}#{number}"
+
+
 def check_has_data(key: str, tensor: torch.Tensor) -> None:
     """Raise SerializationError for a tensor on the meta device, which has a shape but no data."""
     if tensor.device.type == "meta":
@@ -118,6 +134,7 @@ def _fallback(value: Any, key: str, out: EncodedState, allow_pickle: bool) -> An
             f"code you trust.",
             key=key,
         )
+    key = _unused(key, out.pickled)
     out.pickled[key] = value
     return {TYPE_KEY: "pickle", "key": key}
 

@@ -380,7 +380,15 @@ def _read_state(
                 extra_tensors, _ = read_tensors(
                     folder / MODEL_EXTRA_TENSORS_FILE, record(MODEL_EXTRA_TENSORS_FILE)
                 )
-            state.update(decode_state(tree, extra_tensors))
+            extra = decode_state(tree, extra_tensors)
+            if not isinstance(extra, dict) or set(extra) & set(state):
+                raise CheckpointCorruptedError(
+                    f"Checkpoint {folder} is corrupted: {MODEL_EXTRA_FILE} is not a table of "
+                    f"entries apart from the model's tensors.",
+                    path=str(folder),
+                    file=str(folder / MODEL_EXTRA_FILE),
+                )
+            state.update(extra)
         loaded.model_state = state
     for name in STATE_COMPONENTS:
         if name not in components:

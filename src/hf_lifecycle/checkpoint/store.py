@@ -371,23 +371,26 @@ class CheckpointStore:
         """Delete committed checkpoints by name. Only folders inside this store are touched."""
         deleted = []
         with self._writing():
-            for name in names:
-                validate_name(name, self.root)
-                folder = self.root / name
-                if not (folder / MANIFEST_NAME).is_file():
-                    logger.debug("Not deleting %s: it is not a committed checkpoint", folder)
-                    continue
-                trash = self.root / f"{_DELETE_PREFIX}{name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                os.rename(folder, trash)
-                fsync_dir(self.root)
-                shutil.rmtree(trash, ignore_errors=True)
-                self._entries.pop(name, None)
-                self._identities.pop(name, None)
-                self._retired.add(name)
-                deleted.append(name)
-                logger.info("Deleted checkpoint %s", name)
-            if deleted:
-                self._write_index()
+            try:
+                for name in names:
+                    validate_name(name, self.root)
+                    folder = self.root / name
+                    if not (folder / MANIFEST_NAME).is_file():
+                        logger.debug("Not deleting %s: it is not a committed checkpoint", folder)
+                        continue
+                    trash = self.root / f"{_DELETE_PREFIX}{name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                    os.rename(folder, trash)
+                    self._entries.pop(name, None)
+                    self._identities.pop(name, None)
+                    self._retired.add(name)
+                    deleted.append(name)
+                    fsync_dir(self.root)
+                    shutil.rmtree(trash, ignore_errors=True)
+                    logger.info("Deleted checkpoint %s", name)
+            finally:
+                # Also when a later deletion failed: the index must not list those already gone.
+                if deleted:
+                    self._write_index()
         return deleted
 
     def retired(self) -> set[str]:

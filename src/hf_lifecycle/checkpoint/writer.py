@@ -223,6 +223,15 @@ class DeferredCopy:
             self._done.wait()
 
 
+def _deferrable(key: str, tensor: torch.Tensor, prefix: str) -> bool:
+    """True for a CPU tensor under ``prefix`` whose version counter the worker can check."""
+    return (
+        key.startswith((f"{prefix}.", f"{prefix}["))
+        and tensor.device.type == "cpu"
+        and not tensor.is_inference()  # Inference tensors have no version counter.
+    )
+
+
 def snapshot_state(
     state: CheckpointState, buffers: SnapshotBuffers, *, defer: frozenset[str] = frozenset()
 ) -> tuple[CheckpointState, DeferredCopy | None]:
@@ -238,14 +247,14 @@ def snapshot_state(
     deferred: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     def buffers_for(
-        prefix: str, tensors: dict[str, torch.Tensor], later: bool = False
+        prefix: str, tensors: dict[str, torch.Tensor], deferrable: str | None = None
     ) -> dict[str, torch.Tensor]:
         copied = {}
         for key, tensor in tensors.items():
             slot = f"{prefix}/{key}"
             used.add(slot)
             copied[key] = buffers.buffer_for(slot, tensor)
-            if later:
+            if deferrable is not None and _deferrable(key, tensor, deferrable):
                 deferred.append((key, copied[key], tensor))
             else:
                 pairs.append((copied[key], tensor))
@@ -258,8 +267,10 @@ def snapshot_state(
         if encoded.pickled:
             # Pickled now: the objects may change once the call returns.
             copied.pickled_bytes = dumps_pickled(encoded.pickled)
-        later = prefix in defer and all(t.device.type == "cpu" for t in encoded.tensors.values())
-        copied.tensors = buffers_for(prefix, encoded.tensors, later)
+        # Only the per-parameter state: a scheduler changes tensors in param_groups (a tensor
+        # lr, for example) in place, outside step().
+        deferrable = f"{prefix}.state" if prefix in defer else None
+        copied.tensors = buffers_for(prefix, encoded.tensors, deferrable)
         return copied
 
     snapshot = CheckpointState(model_aliases=dict(state.model_aliases), config=state.config)
