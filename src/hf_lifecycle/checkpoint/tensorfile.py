@@ -24,7 +24,6 @@ import struct
 import sys
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
 
 import numpy as np
 import torch
@@ -189,32 +188,25 @@ def build_header(
     return struct.pack("<Q", len(encoded)) + encoded, order
 
 
-# libc functions once looked up by name, with False for those the platform lacks.
-_LIBC_FUNCTIONS: dict[str, Any] = {}
-
-
-def _libc_function(name: str, argtypes: list) -> Any:
-    """Return libc's function ``name`` returning int, or None outside Linux or where libc lacks it."""
-    function = _LIBC_FUNCTIONS.get(name)
-    if function is None:
-        function = False
-        if sys.platform.startswith("linux"):
-            try:
-                function = getattr(ctypes.CDLL(None, use_errno=True), name)
-            except (OSError, AttributeError):
-                function = False
-        if function:
-            function.argtypes = argtypes
-            function.restype = ctypes.c_int
-        _LIBC_FUNCTIONS[name] = function
-    return function or None
+# libc's sync_file_range once looked up, or False where it is missing.
+_SYNC_FILE_RANGE = None
 
 
 def _libc_sync_file_range():
     """Return libc's ``sync_file_range``, or None where the platform has none (not Linux)."""
-    return _libc_function(
-        "sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    )
+    global _SYNC_FILE_RANGE
+    if _SYNC_FILE_RANGE is None:
+        function = None
+        if sys.platform.startswith("linux"):
+            try:
+                function = ctypes.CDLL(None, use_errno=True).sync_file_range
+            except (OSError, AttributeError):
+                function = None
+        if function is not None:
+            function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            function.restype = ctypes.c_int
+        _SYNC_FILE_RANGE = function or False
+    return _SYNC_FILE_RANGE or None
 
 
 class _WriteBehind:
