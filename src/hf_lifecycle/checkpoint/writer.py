@@ -1,11 +1,14 @@
-"""Asynchronous saves: an exact snapshot on the caller's thread, the write on a worker thread.
+"""Asynchronous saves: an exact snapshot of the state, the write on a worker thread.
 
-The snapshot copies every tensor of the state into buffers kept from the
-previous save (pinned host memory for accelerator tensors), so after the first
-save no memory is allocated and the copy runs at memory speed. The worker then
-writes, commits and runs the after-commit steps exactly as a synchronous save
-would. At most one save is in flight: the next one waits for it, or is skipped
-when the caller asks for that.
+The snapshot copies the tensors of the state into buffers kept from the previous
+save (pinned host memory for accelerator tensors), so after the first save no
+memory is allocated and the copy runs at memory speed. The caller's thread copies
+everything except the optimizer's per-parameter state, which only
+``optimizer.step()`` changes: the worker copies that (:class:`DeferredCopy`) while
+the next forward and backward passes run, and the next step waits for it. The
+worker then writes, commits and runs the after-commit steps exactly as a
+synchronous save would. At most one save is in flight: the next one waits for it,
+or is skipped when the caller asks for that.
 """
 
 from __future__ import annotations
