@@ -760,3 +760,28 @@ def test_failing_policy_still_pushes(hub, repo_id, tmp_path):
     assert hub_checkpoints(repo_id) == {"checkpoint-step-1"}
     assert metadata_checkpoint_names(tmp_path) == ["checkpoint-step-1"]
     manager.close()
+
+
+def test_close_timeout_gives_up_on_stalled_push(hub, repo_id, tmp_path, caplog):
+    hub.faults.delay("commit", seconds=2.0, times=1)  # A Hub that stops answering for a while.
+    manager = make_manager(tmp_path, repo_id, auto_push=True)
+    manager.save_checkpoint(small_model(), step=1)
+
+    with pytest.raises(PushError) as caught:
+        manager.close(timeout=0.2)
+
+    assert "Timed out" in str(caught.value)
+    assert caught.value.checkpoints == ["checkpoint-step-1"]
+    assert folder_names(tmp_path / "checkpoints") == ["checkpoint-step-1"]
+    # The exit hook reports the push as lost at once instead of waiting for it.
+    manager._hub.flush_at_exit()
+    assert "NOT PUSHED" in caplog.text
+    manager.wait_for_pushes()  # Let the held commit finish before the server stops.
+
+
+@pytest.mark.parametrize("timeout", [-1, "10", float("nan"), True])
+def test_close_rejects_bad_timeout(tmp_path, timeout):
+    manager = make_manager(tmp_path, None)
+
+    with pytest.raises(ConfigurationError, match="Invalid timeout"):
+        manager.close(timeout=timeout)

@@ -154,6 +154,17 @@ class _SaveRequest:
     optimizer: Any = None
 
 
+def _check_timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout >= 0:
+        raise ConfigurationError(
+            f"Invalid timeout {timeout!r}: pass a number of seconds >= 0, or None to wait as "
+            f"long as it takes."
+        )
+    return float(timeout)
+
+
 def _step_hook_target(optimizer: Any) -> torch.optim.Optimizer | None:
     """Return the optimizer whose step pre-hooks run on ``optimizer.step()``, or None.
 
@@ -1231,8 +1242,15 @@ class HFManager:
 
     # Lifecycle -------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Flush the background save and pushes; raise the first error. Safe to call twice."""
+    def close(self, timeout: float | None = None) -> None:
+        """Flush the background save and pushes; raise the first error. Safe to call twice.
+
+        ``timeout`` limits the wait for pushes, in seconds: a Hub that stops answering would
+        otherwise hold this call, and the program's exit, for as long as the connection
+        stays open. When it runs out, :class:`PushError` names the checkpoints not pushed;
+        they stay on disk, and the program exits without waiting for them.
+        """
+        timeout = _check_timeout(timeout)
         try:
             self._writer.wait()
         finally:
@@ -1242,13 +1260,22 @@ class HFManager:
             self._guarded_optimizers.clear()
             self._tensorboard.close()
             if self._hub is not None:
-                self._flush_hub()
+                self._flush_hub(timeout)
 
     @on_main_rank("Waiting for pushes")
-    def _flush_hub(self) -> None:
-        if self._hub is not None:
-            self._hub.wait()
+    def _flush_hub(self, timeout: float | None = None) -> None:
+        if self._hub is None:
+            return
+        try:
+            self._hub.wait(timeout)
+        except PushError:
+            if self._hub.queue.pending():
+                # Timed out: exit reports these as not pushed instead of waiting for them.
+                self._hub.exit_timeout = 0.0
+                raise
             self._hub.unregister_exit_flush()
+            raise
+        self._hub.unregister_exit_flush()
 
     def __enter__(self) -> HFManager:
         return self

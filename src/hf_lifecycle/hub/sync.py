@@ -263,6 +263,9 @@ class HubSync:
         self.queue = PushQueue(retries=retries, retry_wait=retry_wait)
         # Checkpoints whose push failed stay protected from retention until a push succeeds.
         self.unpushed: set[str] = set()
+        # Seconds the exit hook waits for pending pushes; close(timeout=...) sets 0 once it
+        # has given up on them.
+        self.exit_timeout = 600.0
         self._register_exit_flush()
 
     def __repr__(self) -> str:
@@ -398,7 +401,8 @@ class HubSync:
         """Wait for background pushes; raise PushError for any that failed."""
         # NOTE: huggingface_hub 2.4 sends commit and upload requests without a read timeout, so
         # with timeout=None a server that accepts a request and never replies blocks this wait,
-        # and close() and push() with it, until the connection drops.
+        # and close() and push() with it, until the connection drops. close(timeout=...) and
+        # wait_for_pushes(timeout=...) bound the wait; push() does not.
         finished = self.queue.wait(timeout)
         failures = self.queue.take_failures()
         if failures:
@@ -515,7 +519,9 @@ class HubSync:
     def unregister_exit_flush(self) -> None:
         _FLUSH_AT_EXIT.discard(self)
 
-    def flush_at_exit(self, timeout: float = 600.0) -> None:
+    def flush_at_exit(self, timeout: float | None = None) -> None:
+        if timeout is None:
+            timeout = self.exit_timeout
         pending = self.queue.pending()
         if pending:
             logger.warning(
