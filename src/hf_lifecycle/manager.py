@@ -1245,7 +1245,7 @@ class HFManager:
     def close(self, timeout: float | None = None) -> None:
         """Flush the background save and pushes; raise the first error. Safe to call twice.
 
-        ``timeout`` limits the wait for pushes, in seconds: a Hub that stops answering would
+        ``timeout`` limits the wait for pushes, in seconds: a Hub that stops responding would
         otherwise hold this call, and the program's exit, for as long as the connection
         stays open. When it runs out, :class:`PushError` names the checkpoints not pushed;
         they stay on disk, and the program exits without waiting for them.
