@@ -49,9 +49,17 @@ class Method:
         return self.folder / f"rep-{rep}"
 
     def save(self, rep: int) -> dict[str, float]:
-        raise NotImplementedError
+        """Save the state for repetition ``rep``; return the timings by operation, in seconds."""
+        return {"save": _timed(self._save, self.output(rep))}
 
     def load(self, rep: int) -> float:
+        """Load what repetition ``rep`` saved back into the state; return the seconds it took."""
+        return _timed(self._load, self.output(rep))
+
+    def _save(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def _load(self, path: Path) -> None:
         raise NotImplementedError
 
     def remove(self, rep: int) -> None:
@@ -68,6 +76,15 @@ def _timed(function, *args, **kwargs) -> float:
     return time.perf_counter() - start
 
 
+def _fill_with_state(buffer: torch.Tensor, state: TrainingState) -> None:
+    """Copy the bytes of every tensor that a checkpoint of ``state`` writes into ``buffer``."""
+    offset = 0
+    for tensor in state_tensors(state.model, state.optimizer):
+        flat = tensor.detach().reshape(-1).view(torch.uint8)
+        buffer[offset : offset + flat.numel()].copy_(flat)
+        offset += flat.numel()
+
+
 class DiskLimit(Method):
     """Plain ``os.write`` of the state's bytes in 16 MiB blocks + fsync, and ``readinto`` back."""
 
@@ -79,17 +96,10 @@ class DiskLimit(Method):
         # The same bytes as the state, gathered into one buffer that is already paged in,
         # so that neither the writes nor the reads pay for page faults.
         self.buffer = torch.empty(state.nbytes, dtype=torch.uint8)
-        offset = 0
-        for tensor in state_tensors(state.model, state.optimizer):
-            flat = tensor.detach().reshape(-1).view(torch.uint8)
-            self.buffer[offset : offset + flat.numel()].copy_(flat)
-            offset += flat.numel()
+        _fill_with_state(self.buffer, state)
         self.view = memoryview(self.buffer.numpy())
 
-    def save(self, rep: int) -> dict[str, float]:
-        return {"save": _timed(self._write, self.output(rep))}
-
-    def _write(self, path: Path) -> None:
+    def _save(self, path: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             for start in range(0, len(self.view), BLOCK):
@@ -100,10 +110,7 @@ class DiskLimit(Method):
         finally:
             os.close(fd)
 
-    def load(self, rep: int) -> float:
-        return _timed(self._read, self.output(rep))
-
-    def _read(self, path: Path) -> None:
+    def _load(self, path: Path) -> None:
         with open(path, "rb", buffering=0) as handle:
             position = 0
             while position < len(self.view):
@@ -129,12 +136,7 @@ class DiskDirect(Method):
         # An anonymous mapping is page-aligned, as O_DIRECT needs its buffers to be.
         self.mapping = mmap.mmap(-1, self.size)
         self.view = memoryview(self.mapping)
-        buffer = torch.frombuffer(self.mapping, dtype=torch.uint8)
-        offset = 0
-        for tensor in state_tensors(state.model, state.optimizer):
-            flat = tensor.detach().reshape(-1).view(torch.uint8)
-            buffer[offset : offset + flat.numel()].copy_(flat)
-            offset += flat.numel()
+        _fill_with_state(torch.frombuffer(self.mapping, dtype=torch.uint8), state)
 
     def available(self) -> str | None:
         if not hasattr(os, "O_DIRECT"):
@@ -152,10 +154,7 @@ class DiskDirect(Method):
             probe.unlink(missing_ok=True)
         return None
 
-    def save(self, rep: int) -> dict[str, float]:
-        return {"save": _timed(self._write, self.output(rep))}
-
-    def _write(self, path: Path) -> None:
+    def _save(self, path: Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
         try:
             for start in range(0, self.size, BLOCK):
@@ -166,10 +165,7 @@ class DiskDirect(Method):
         finally:
             os.close(fd)
 
-    def load(self, rep: int) -> float:
-        return _timed(self._read, self.output(rep))
-
-    def _read(self, path: Path) -> None:
+    def _load(self, path: Path) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
         try:
             for start in range(0, self.size, BLOCK):
@@ -193,9 +189,6 @@ class TorchSave(Method):
     def output(self, rep: int) -> Path:
         return self.folder / f"rep-{rep}.pt"
 
-    def save(self, rep: int) -> dict[str, float]:
-        return {"save": _timed(self._save, self.output(rep))}
-
     def _save(self, path: Path) -> None:
         state = {
             "model": self.state.model.state_dict(),
@@ -205,9 +198,6 @@ class TorchSave(Method):
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
-
-    def load(self, rep: int) -> float:
-        return _timed(self._load, self.output(rep))
 
     def _load(self, path: Path) -> None:
         state = torch.load(path, weights_only=True)
@@ -234,9 +224,6 @@ class SafetensorsFile(Method):
     def output(self, rep: int) -> Path:
         return self.folder / f"rep-{rep}.safetensors"
 
-    def save(self, rep: int) -> dict[str, float]:
-        return {"save": _timed(self._save, self.output(rep))}
-
     def _save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
@@ -250,9 +237,6 @@ class SafetensorsFile(Method):
             os.fsync(fd)
         finally:
             os.close(fd)
-
-    def load(self, rep: int) -> float:
-        return _timed(self._load, self.output(rep))
 
     def _load(self, path: Path) -> None:
         from safetensors.torch import load_file
@@ -295,15 +279,12 @@ class AccelerateState(Method):
     def switch_state(self, state: TrainingState) -> bool:
         return False  # The Accelerator saves the objects it prepared in __init__.
 
-    def save(self, rep: int) -> dict[str, float]:
-        return {"save": _timed(self._save, self.output(rep))}
-
     def _save(self, path: Path) -> None:
         self.accelerator.save_state(str(path))
         fsync_tree(path)
 
-    def load(self, rep: int) -> float:
-        return _timed(self.accelerator.load_state, str(self.output(rep)))
+    def _load(self, path: Path) -> None:
+        self.accelerator.load_state(str(path))
 
 
 class LibrarySync(Method):
@@ -325,9 +306,9 @@ class LibrarySync(Method):
         return self.manager.checkpoint_dir / self.name(rep)
 
     def save(self, rep: int) -> dict[str, float]:
-        return {"save": _timed(self._save, rep)}
+        return {"save": _timed(self._save_checkpoint, rep)}
 
-    def _save(self, rep: int, **options: Any) -> None:
+    def _save_checkpoint(self, rep: int, **options: Any) -> None:
         self.manager.save_checkpoint(
             model=self.state.model, optimizer=self.state.optimizer, step=rep, name=self.name(rep),
             **options,
@@ -378,7 +359,7 @@ class LibraryAsync(LibrarySync):
 
     def save(self, rep: int) -> dict[str, float]:
         start = time.perf_counter()
-        self._save(rep, blocking=False)
+        self._save_checkpoint(rep, blocking=False)
         call = time.perf_counter() - start
         if not self.train_between:
             self.manager.wait_for_checkpoints()

@@ -45,6 +45,20 @@ def state_copy(module_or_optimizer) -> dict:
     return {key: value.clone() for key, value in state.items()}
 
 
+def load_into_new_objects(manager: HFManager, name: str):
+    """Load checkpoint ``name`` into a new model and AdamW optimizer, and return both."""
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    manager.load_checkpoint(name, model, optimizer)
+    return model, optimizer
+
+
+def assert_same_moments(optimizer: torch.optim.Optimizer, moments: dict) -> None:
+    for index, entry in moments.items():
+        for key, value in entry.items():
+            assert torch.equal(optimizer.state_dict()["state"][index][key], value), key
+
+
 def test_snapshot_ignores_later_changes(tmp_path):
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters())
@@ -60,14 +74,10 @@ def test_snapshot_ignores_later_changes(tmp_path):
     train_step(model, optimizer)
     manager.wait_for_checkpoints()
 
-    fresh = make_model()
-    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
-    manager.load_checkpoint("checkpoint-step-1", fresh, fresh_optimizer)
+    fresh, fresh_optimizer = load_into_new_objects(manager, "checkpoint-step-1")
     for key, value in weights.items():
         assert torch.equal(fresh.state_dict()[key], value), key
-    for index, entry in moments.items():
-        for key, value in entry.items():
-            assert torch.equal(fresh_optimizer.state_dict()["state"][index][key], value), key
+    assert_same_moments(fresh_optimizer, moments)
 
 
 def delay_deferred_copy(monkeypatch, seconds: float) -> None:
@@ -95,12 +105,8 @@ def test_optimizer_step_waits_for_copy(tmp_path, monkeypatch):
     train_step(model, optimizer)  # Its step() must wait until the state is copied.
     manager.wait_for_checkpoints()
 
-    fresh = make_model()
-    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
-    manager.load_checkpoint("checkpoint-step-1", fresh, fresh_optimizer)
-    for index, entry in moments.items():
-        for key, value in entry.items():
-            assert torch.equal(fresh_optimizer.state_dict()["state"][index][key], value), key
+    fresh, fresh_optimizer = load_into_new_objects(manager, "checkpoint-step-1")
+    assert_same_moments(fresh_optimizer, moments)
 
 
 def test_state_changed_outside_step_fails_save(tmp_path, monkeypatch):
@@ -164,12 +170,8 @@ def test_wrapped_optimizer_step_waits(tmp_path, monkeypatch):
     train_step(model, optimizer)
     manager.wait_for_checkpoints()
 
-    fresh = make_model()
-    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
-    manager.load_checkpoint("checkpoint-step-1", fresh, fresh_optimizer)
-    for index, entry in moments.items():
-        for key, value in entry.items():
-            assert torch.equal(fresh_optimizer.state_dict()["state"][index][key], value), key
+    fresh, fresh_optimizer = load_into_new_objects(manager, "checkpoint-step-1")
+    assert_same_moments(fresh_optimizer, moments)
 
 
 class HandRolledOptimizer:

@@ -255,13 +255,21 @@ def test_second_store_waits_for_commit(tmp_path):
     assert sorted(sequences) == [1, 2]
 
 
-def test_duplicate_sequence_keeps_retention(tmp_path):
-    # A folder copied in from another run can carry a sequence number already in use.
+def manager_with_copied_checkpoint(tmp_path: Path) -> HFManager:
+    """Return a KeepLastN(1) manager whose folder has "own" and "copied" with one sequence.
+
+    A folder copied in from another run can carry a sequence number already in use.
+    """
     manager = new_manager(tmp_path / "run", retention_policy=KeepLastN(1))
     other = new_manager(tmp_path / "other")
     other.save_checkpoint(tiny_model(), name="copied")
     manager.save_checkpoint(tiny_model(), name="own")
     (other.checkpoint_dir / "copied").rename(manager.checkpoint_dir / "copied")
+    return manager
+
+
+def test_duplicate_sequence_keeps_retention(tmp_path):
+    manager = manager_with_copied_checkpoint(tmp_path)
 
     manager.save_checkpoint(tiny_model(), name="newest")
 
@@ -269,11 +277,7 @@ def test_duplicate_sequence_keeps_retention(tmp_path):
 
 
 def test_duplicate_sequence_others_deleted(tmp_path):
-    manager = new_manager(tmp_path / "run", retention_policy=KeepLastN(1))
-    other = new_manager(tmp_path / "other")
-    other.save_checkpoint(tiny_model(), name="copied")
-    manager.save_checkpoint(tiny_model(), name="own")
-    (other.checkpoint_dir / "copied").rename(manager.checkpoint_dir / "copied")
+    manager = manager_with_copied_checkpoint(tmp_path)
     manager.save_checkpoint(tiny_model(), name="middle")
 
     manager.save_checkpoint(tiny_model(), name="newest")

@@ -62,6 +62,14 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(tensorfile, "_THREADED_HASH_MIN_VIEW", 1)
 
 
+@pytest.fixture(params=["default", "small_chunks"])
+def chunking(request) -> str:
+    """Run a test with the default chunk sizes and again with ``small_chunks``."""
+    if request.param == "small_chunks":
+        request.getfixturevalue("small_chunks")
+    return request.param
+
+
 class FakeSyncFileRange:
     """Stands in for libc's sync_file_range: records calls and fails with ``error`` if set."""
 
@@ -84,10 +92,7 @@ def install_sync_file_range(monkeypatch, fake: FakeSyncFileRange) -> None:
 # Format and checksums ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunking", ["default", "small_chunks"])
-def test_round_trip_every_dtype(tmp_path, request, chunking):
-    if chunking == "small_chunks":
-        request.getfixturevalue("small_chunks")
+def test_round_trip_every_dtype(tmp_path, chunking):
     tensors = sample_tensors()
     write_tensors(tmp_path / "t.safetensors", tensors, {"note": "hello"})
     loaded, metadata = read_tensors(tmp_path / "t.safetensors")
@@ -95,10 +100,7 @@ def test_round_trip_every_dtype(tmp_path, request, chunking):
     assert metadata == {"note": "hello"}
 
 
-@pytest.mark.parametrize("chunking", ["default", "small_chunks"])
-def test_record_matches_file_bytes(tmp_path, request, chunking):
-    if chunking == "small_chunks":
-        request.getfixturevalue("small_chunks")
+def test_record_matches_file_bytes(tmp_path, chunking):
     path = tmp_path / "t.safetensors"
     record = write_tensors(path, sample_tensors())
     data = path.read_bytes()
@@ -265,10 +267,7 @@ def test_loaded_tensors_share_one_buffer(tmp_path):
         assert tensor.is_contiguous()
 
 
-@pytest.mark.parametrize("chunking", ["default", "small_chunks"])
-def test_flipped_byte_is_detected(tmp_path, request, chunking):
-    if chunking == "small_chunks":
-        request.getfixturevalue("small_chunks")
+def test_flipped_byte_is_detected(tmp_path, chunking):
     path = tmp_path / "t.safetensors"
     record = write_tensors(path, sample_tensors())
     data = bytearray(path.read_bytes())
