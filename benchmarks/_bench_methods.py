@@ -41,7 +41,10 @@ class Method:
         return None
 
     def switch_state(self, state: TrainingState) -> bool:
-        """Save ``state`` from now on, keeping everything else; False where that is not possible."""
+        """Save ``state`` from now on, keeping everything else.
+
+        Return False where that is not possible.
+        """
         self.state = state
         return True
 
@@ -49,11 +52,11 @@ class Method:
         return self.folder / f"rep-{rep}"
 
     def save(self, rep: int) -> dict[str, float]:
-        """Save the state for repetition ``rep``; return the timings by operation, in seconds."""
+        """Save the state for repetition ``rep`` and return the timings by operation, in seconds."""
         return {"save": _timed(self._save, self.output(rep))}
 
     def load(self, rep: int) -> float:
-        """Load what repetition ``rep`` saved back into the state; return the seconds it took."""
+        """Load what repetition ``rep`` saved back into the state and return the seconds it took."""
         return _timed(self._load, self.output(rep))
 
     def _save(self, path: Path) -> None:

@@ -19,7 +19,7 @@ END_MARKER = "<!-- END GENERATED -->"
 
 @dataclasses.dataclass
 class Result:
-    """Timings of one method on one state, in seconds, by operation ("save", "load", "blocked", ...)."""
+    """Timings of one method on one state, in seconds, by operation ("save", "load", ...)."""
 
     key: str
     label: str

@@ -15,7 +15,7 @@ LARGE_LAYERS = 5
 # fp32 parameter + AdamW exp_avg + exp_avg_sq: 12 bytes of state per parameter.
 _BYTES_PER_PARAMETER = 12
 SMALL_WIDTH = 128
-# Rows in the batch of the training step run after each asynchronous save.
+# Rows in the batch of the training step that follows each asynchronous save.
 TRAIN_BATCH = 32
 
 

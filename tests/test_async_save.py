@@ -432,7 +432,9 @@ def test_pickled_custom_state_frozen_at_call(tmp_path, monkeypatch):
     monkeypatch.setattr(manager_module, "write_state", late_write)
     history = collections.deque([1])  # Not JSON: saved with pickle.
 
-    manager.save_checkpoint(step=1, custom_state={"history": history}, allow_pickle=True, blocking=False)
+    manager.save_checkpoint(
+        step=1, custom_state={"history": history}, allow_pickle=True, blocking=False
+    )
     history.append(2)
     manager.wait_for_checkpoints()
 
@@ -440,7 +442,7 @@ def test_pickled_custom_state_frozen_at_call(tmp_path, monkeypatch):
     assert list(loaded["custom_state"]["history"]) == [1]
 
 
-def test_tensor_lr_changed_by_scheduler_after_call(tmp_path, monkeypatch):
+def test_scheduler_changed_tensor_lr_kept(tmp_path, monkeypatch):
     # LR schedulers change a tensor lr in place (fill_), outside optimizer.step().
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3))

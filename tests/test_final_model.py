@@ -47,7 +47,8 @@ def assert_holds_model(path: str | Path, seed: int) -> None:
 
 def leftovers(folder: Path) -> list[str]:
     """Hidden files in ``folder`` other than the record of published model files."""
-    return [name for name in os.listdir(folder) if name.startswith(".") and name != PUBLISHED_RECORD]
+    names = os.listdir(folder)
+    return [name for name in names if name.startswith(".") and name != PUBLISHED_RECORD]
 
 
 def assert_same_weights(expected: torch.nn.Module, actual: torch.nn.Module) -> None:
@@ -143,7 +144,7 @@ def test_final_model_gpt2_from_pretrained(tmp_path, format):
 
 
 @pytest.mark.parametrize(("first", "second"), [("pt", "safetensors"), ("safetensors", "pt")])
-def test_local_dir_holds_latest_final_model(tmp_path, first, second):
+def test_local_dir_gets_latest_final_model(tmp_path, first, second):
     manager = new_manager(tmp_path)
     manager.save_final_model(tiny_lm(0), name="early", format=first, config={"vocab": 11})
 

@@ -749,7 +749,9 @@ def test_extra_state_naming_a_weight_rejected(tmp_path):
     tree["a.weight"] = 3  # An entry that would replace a weight with a number.
     craft(folder, files={"model_extra.json": json.dumps(tree).encode()})
     target = CountingModule()
-    before = {key: value.clone() for key, value in target.state_dict().items() if key != "_extra_state"}
+    before = {
+        key: value.clone() for key, value in target.state_dict().items() if key != "_extra_state"
+    }
 
     with pytest.raises(CheckpointCorruptedError) as caught:
         manager.load_checkpoint("crafted", model=target)

@@ -735,7 +735,7 @@ def metadata_checkpoint_names(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("blocking", [True, False])
 def test_metadata_lists_kept_checkpoints_after_pushes(hub, repo_id, tmp_path, blocking):
-    # Retention deletes a pushed checkpoint only once its push is done, in the push job; the
+    # Retention deletes a pushed checkpoint only once its push is done, in the push job. The
     # metadata file must follow that deletion too.
     manager = make_manager(tmp_path, repo_id, auto_push=True, retention_policy=KeepLastN(1))
     for step in range(1, 4):
@@ -762,8 +762,8 @@ def test_failing_policy_still_pushes(hub, repo_id, tmp_path):
     manager.close()
 
 
-def test_close_timeout_gives_up_on_stalled_push(hub, repo_id, tmp_path, caplog):
-    hub.faults.delay("commit", seconds=2.0, times=1)  # A Hub that stops answering for a while.
+def test_close_timeout_abandons_stalled_push(hub, repo_id, tmp_path, caplog):
+    hub.faults.delay("commit", seconds=2.0, times=1)  # A Hub that stops responding for a while.
     manager = make_manager(tmp_path, repo_id, auto_push=True)
     manager.save_checkpoint(small_model(), step=1)
 

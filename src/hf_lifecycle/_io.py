@@ -130,21 +130,21 @@ def metric_value(value: Any) -> Any:
     return value
 
 
-# Levels of nesting that dumps_json lays out one item per line; deeper values go on one line.
+# Levels of nesting that dumps_json lays out one item per line. Deeper values go on one line.
 _INDENTED_LEVELS = 2
 
 
 def dumps_json(value: Any) -> str:
     """Return strict JSON text for ``value``, with non-finite floats as in :func:`json_safe`.
 
-    The outer two levels get one item per line, indented; everything deeper is written on
+    The outer two levels get one item per line, indented. Everything deeper is written on
     one line by json's C encoder. Indenting every level goes through json's pure-Python
     encoder, which took tens of milliseconds for a metadata file naming a thousand
     checkpoints, rewritten after every save.
     """
     try:
         return _layout(value, 0) + "\n"
-    except ValueError:  # A NaN or an infinity; json_safe walks the whole tree, so only then.
+    except ValueError:  # A NaN or an infinity. json_safe walks the whole tree, so only then.
         return _layout(json_safe(value), 0) + "\n"
 
 

@@ -167,9 +167,8 @@ def _reports_errors(command: CommandFunction) -> CommandFunction:
         except (typer.Exit, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except BrokenPipeError:
-            # The reader (`| head`, for example) stopped reading: nothing to report. stdout
-            # goes to devnull so that flushing it at exit raises nothing more, as the Python
-            # documentation on SIGPIPE advises.
+            # The reader (`| head`, for example) stopped reading, so there is nothing to report.
+            # stdout goes to devnull so that flushing it at exit raises nothing more.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             raise typer.Exit(code=1) from None

@@ -111,7 +111,9 @@ def publish_model_files(folder: Path, root: Path) -> list[str]:
     """
     owned = _read_published(root)
     foreign = [
-        name for name in sorted(_MODEL_FILES) if _lexists(root / name) and not _owned(root / name, owned)
+        name
+        for name in sorted(_MODEL_FILES)
+        if _lexists(root / name) and not _owned(root / name, owned)
     ]
     if foreign:
         logger.warning(
@@ -121,9 +123,9 @@ def publish_model_files(folder: Path, root: Path) -> list[str]:
         )
         return []
     sources = {name: folder / name for name in sorted(_MODEL_FILES) if (folder / name).is_file()}
-    # Recorded before anything changes, so that after an interruption the next publish still
-    # counts as its own both the files linked so far and those of the earlier model (the
-    # other format's weights, for example), and replaces or removes them.
+    # Recorded before anything changes. After an interruption, the next publish then counts
+    # as its own the files linked so far and the earlier model's (such as the other format's
+    # weights), and replaces or removes them.
     expected = {name: list(identities) for name, identities in owned.items()}
     for name, path in sources.items():
         expected[name] = expected.get(name, []) + [_identity(path)]
@@ -172,7 +174,7 @@ def _lexists(path: Path) -> bool:
 
 
 def _owned(path: Path, owned: Mapping[str, list[list[int]]]) -> bool:
-    """True when ``path`` is a regular file that a publish linked (same inode and size)."""
+    """Return True when ``path`` is a regular file that a publish linked (same inode and size)."""
     if path.is_symlink() or not path.is_file():
         return False
     return _identity(path) in owned.get(path.name, [])

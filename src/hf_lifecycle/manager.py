@@ -409,8 +409,9 @@ class HFManager:
         a worker thread writes and commits it, then applies retention and queues
         the push. The state of a ``torch.optim.Optimizer`` is copied by the worker:
         the next ``optimizer.step()`` waits for that copy, and an in-place change
-        made some other way before it finishes fails the save. At most one save is in flight: the call waits for the previous
-        one, or returns None without saving when ``skip_if_busy=True``. Errors of
+        made some other way before it finishes fails the save. At most one save is
+        in flight: the call waits for the previous one, or returns None without
+        saving when ``skip_if_busy=True``. Errors of
         a background save are raised by the next save, :meth:`wait_for_checkpoints`
         and :meth:`close`.
         """
@@ -699,7 +700,9 @@ class HFManager:
                 self._rewrite_metadata_after_deletion(remaining)
             return remaining, deleted
 
-    def _rewrite_metadata_after_deletion(self, checkpoints: list[CheckpointInfo] | None = None) -> None:
+    def _rewrite_metadata_after_deletion(
+        self, checkpoints: list[CheckpointInfo] | None = None
+    ) -> None:
         try:
             self._write_metadata(checkpoints=checkpoints)
         except OSError as err:
@@ -1010,7 +1013,9 @@ class HFManager:
                 self._apply_retention(hub.protected(finished=info.name), update_metadata=True)
             except Exception as err:  # noqa: BLE001 - the push itself succeeded
                 # The next save runs retention again and raises this error to the caller.
-                logger.warning("Pushed %s, but applying retention after it failed: %s", info.name, err)
+                logger.warning(
+                    "Pushed %s, but applying retention after it failed: %s", info.name, err
+                )
 
         hub.queue.submit(info.name, job)
 
@@ -1268,14 +1273,12 @@ class HFManager:
             return
         try:
             self._hub.wait(timeout)
-        except PushError:
+        finally:
             if self._hub.queue.pending():
-                # Timed out: exit reports these as not pushed instead of waiting for them.
+                # Timed out: the exit hook reports these as not pushed instead of waiting.
                 self._hub.exit_timeout = 0.0
-                raise
-            self._hub.unregister_exit_flush()
-            raise
-        self._hub.unregister_exit_flush()
+            else:
+                self._hub.unregister_exit_flush()
 
     def __enter__(self) -> HFManager:
         return self

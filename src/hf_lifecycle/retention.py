@@ -426,7 +426,9 @@ def _validated_commit_order(checkpoints: Iterable[CheckpointInfo]) -> list[Check
     ordered = _in_commit_order(checkpoints)
     names = [checkpoint.name for checkpoint in ordered]
     sequences = [checkpoint.sequence for checkpoint in ordered]
-    duplicate_names = sorted(name for name, count in collections.Counter(names).items() if count > 1)
+    duplicate_names = sorted(
+        name for name, count in collections.Counter(names).items() if count > 1
+    )
     if duplicate_names:
         raise ConfigurationError(
             f"Invalid checkpoint list: the names {duplicate_names} occur more than once. Pass "

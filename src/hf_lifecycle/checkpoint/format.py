@@ -101,16 +101,16 @@ def _encode(value: Any, key: str, out: EncodedState, allow_pickle: bool) -> Any:
     return _fallback(value, key, out, allow_pickle)
 
 
-def _unused(key: str, taken: Mapping[str, Any]) -> str:
+def _unused(key: str, used_names: Mapping[str, Any]) -> str:
     """Return ``key``, or ``key#2``, ``key#3``... when another value already has that name.
 
     Names are built from the path (``a.b``, ``a[0]``), and different paths can give the same
     name: ``{"a.b": x, "a": {"b": y}}``. The tree records the name each value got.
     """
-    if key not in taken:
+    if key not in used_names:
         return key
     number = 2
-    while f"{key}#{number}" in taken:
+    while f"{key}#{number}" in used_names:
         number += 1
     return f"{key}#{number}"
 

@@ -137,9 +137,9 @@ def split_shared(
             extra[key] = value
             continue
         if value.numel() and value.device.type != "meta":
-            # data_ptr() already includes the storage offset; it is much cheaper than asking
-            # for the storage, which matters for models with thousands of tensors.
-            # A .conj() or negated view shares the bytes but not the values.
+            # data_ptr() already includes the storage offset, and it is much cheaper than asking
+            # for the storage, which matters for models with thousands of tensors. A .conj()
+            # or negated view shares the bytes but not the values.
             identity = (
                 value.device, value.data_ptr(), tuple(value.shape), value.stride(), value.dtype,
                 value.is_conj(), value.is_neg(),

@@ -378,7 +378,8 @@ class CheckpointStore:
                     if not (folder / MANIFEST_NAME).is_file():
                         logger.debug("Not deleting %s: it is not a committed checkpoint", folder)
                         continue
-                    trash = self.root / f"{_DELETE_PREFIX}{name}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                    suffix = f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                    trash = self.root / f"{_DELETE_PREFIX}{name}-{suffix}"
                     os.rename(folder, trash)
                     self._entries.pop(name, None)
                     self._identities.pop(name, None)

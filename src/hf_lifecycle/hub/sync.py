@@ -123,15 +123,7 @@ def hub_endpoint() -> str:
     """
     from huggingface_hub import constants
 
-    if os.environ.get("HF_HUB_DISABLE_XET", "").upper() in constants.ENV_VARS_TRUE_VALUES:
-        if not constants.HF_HUB_DISABLE_XET:
-            # The client reads this constant at every upload, so setting it here takes effect.
-            # Left alone, uploads request a Xet token from servers without Xet and fail.
-            logger.warning(
-                "HF_HUB_DISABLE_XET was set after huggingface_hub was imported; applying it. "
-                "Set it before importing huggingface_hub or transformers."
-            )
-            constants.HF_HUB_DISABLE_XET = True
+    _apply_late_xet_setting(constants)
     configured = os.environ.get("HF_ENDPOINT", "").rstrip("/")
     current = constants.ENDPOINT.rstrip("/")
     if configured and configured != current:
@@ -144,6 +136,21 @@ def hub_endpoint() -> str:
         constants.HUGGINGFACE_CO_URL_TEMPLATE = configured + "/{repo_id}/resolve/{revision}/{filename}"
         return configured
     return current
+
+
+def _apply_late_xet_setting(constants: Any) -> None:
+    """Set huggingface_hub's ``HF_HUB_DISABLE_XET`` constant when the variable was set late.
+
+    The client reads the constant at every upload, so setting it takes effect. Left alone,
+    uploads request a Xet token from servers without Xet and fail.
+    """
+    requested = os.environ.get("HF_HUB_DISABLE_XET", "").upper() in constants.ENV_VARS_TRUE_VALUES
+    if requested and not constants.HF_HUB_DISABLE_XET:
+        logger.warning(
+            "HF_HUB_DISABLE_XET was set after huggingface_hub was imported; applying it. "
+            "Set it before importing huggingface_hub or transformers."
+        )
+        constants.HF_HUB_DISABLE_XET = True
 
 
 class PushQueue:
@@ -263,8 +270,8 @@ class HubSync:
         self.queue = PushQueue(retries=retries, retry_wait=retry_wait)
         # Checkpoints whose push failed stay protected from retention until a push succeeds.
         self.unpushed: set[str] = set()
-        # Seconds the exit hook waits for pending pushes; close(timeout=...) sets 0 once it
-        # has given up on them.
+        # Seconds the exit hook waits for pending pushes. close(timeout=...) sets it to 0 once
+        # it has given up on them.
         self.exit_timeout = 600.0
         self._register_exit_flush()
 
@@ -402,7 +409,7 @@ class HubSync:
         # NOTE: huggingface_hub 2.4 sends commit and upload requests without a read timeout, so
         # with timeout=None a server that accepts a request and never replies blocks this wait,
         # and close() and push() with it, until the connection drops. close(timeout=...) and
-        # wait_for_pushes(timeout=...) bound the wait; push() does not.
+        # wait_for_pushes(timeout=...) bound the wait, but push() does not.
         finished = self.queue.wait(timeout)
         failures = self.queue.take_failures()
         if failures:
