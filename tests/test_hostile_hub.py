@@ -1,7 +1,8 @@
 """Hostile content on either side of a push: planted files in a checkpoint folder, crafted
 files on the Hub, and a repository that disappears mid-run.
 
-Everything runs against the session's LocalHub over HTTP with the real huggingface_hub client.
+Everything runs against the LocalHub shared by the whole test run, over HTTP with the real
+huggingface_hub client.
 """
 
 from __future__ import annotations
